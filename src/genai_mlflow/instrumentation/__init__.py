@@ -1,0 +1,1 @@
+"""Instrumentations that turn LLM client calls into GenAI spans."""

@@ -1,0 +1,1 @@
+"""Test helpers shipped with genai-mlflow (an OpenAI-compatible local server for tests, demos, benchmarks)."""
