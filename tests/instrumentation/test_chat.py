@@ -11,6 +11,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from genai_mlflow import semconv as sc
 from genai_mlflow.testing.openai_server import OpenAIServer
 
+from .compat import chat_helpers
 from .spans import json_attr, only_span
 
 MESSAGES = [
@@ -156,7 +157,7 @@ class Answer(pydantic.BaseModel):
 def test_parse_is_one_span_with_json_output(
     instrumented, client: openai.OpenAI, span_exporter: InMemorySpanExporter
 ):
-    parsed = client.chat.completions.parse(model="gpt-4o-mini", messages=MESSAGES, response_format=Answer)
+    parsed = chat_helpers(client).parse(model="gpt-4o-mini", messages=MESSAGES, response_format=Answer)
     assert isinstance(parsed.choices[0].message.parsed, Answer)
     span = only_span(span_exporter)
     attrs = dict(span.attributes or {})
@@ -178,7 +179,7 @@ async def test_async_chat(
 async def test_async_parse(
     instrumented, async_client: openai.AsyncOpenAI, span_exporter: InMemorySpanExporter
 ):
-    parsed = await async_client.chat.completions.parse(
+    parsed = await chat_helpers(async_client).parse(
         model="gpt-4o-mini", messages=MESSAGES, response_format=Answer
     )
     assert only_span(span_exporter).attributes[sc.GEN_AI_RESPONSE_ID] == parsed.id  # type: ignore[index]

@@ -13,6 +13,7 @@ from opentelemetry.trace import StatusCode
 from genai_mlflow import semconv as sc
 from genai_mlflow.testing.openai_server import OpenAIServer
 
+from .compat import chat_helpers
 from .spans import json_attr, only_span
 
 MESSAGES = [{"role": "user", "content": "tell me a story about a fox"}]
@@ -197,7 +198,7 @@ def test_error_event_mid_stream(
 
 
 def test_stream_helper_is_one_span(instrumented, client: openai.OpenAI, span_exporter: InMemorySpanExporter):
-    with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
+    with chat_helpers(client).stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
         final = stream.get_final_completion()
     span = only_span(span_exporter)
     attrs = dict(span.attributes or {})
@@ -210,7 +211,7 @@ def test_stream_helper_is_one_span(instrumented, client: openai.OpenAI, span_exp
 
 
 def test_stream_helper_left_early(instrumented, client: openai.OpenAI, span_exporter: InMemorySpanExporter):
-    with client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
+    with chat_helpers(client).stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
         for _ in stream:
             break
     assert len(span_exporter.get_finished_spans()) == 1
@@ -296,7 +297,7 @@ async def test_async_cancelled_while_waiting_for_a_chunk(
 async def test_async_stream_helper(
     instrumented, async_client: openai.AsyncOpenAI, span_exporter: InMemorySpanExporter
 ):
-    async with async_client.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
+    async with chat_helpers(async_client).stream(model="gpt-4o-mini", messages=MESSAGES) as stream:
         final = await stream.get_final_completion()
     assert only_span(span_exporter).attributes[sc.GEN_AI_RESPONSE_ID] == final.id  # type: ignore[index]
 
