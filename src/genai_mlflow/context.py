@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from opentelemetry import baggage, context
@@ -17,13 +18,24 @@ from genai_mlflow import semconv as sc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Set by code that must know whether an instrumented LLM call happened inside it (the seed-compatible
+# decorator): a one-element list the instrumentation counts calls in.
+llm_call_counter: ContextVar[list[int] | None] = ContextVar("genai_mlflow_llm_calls", default=None)
+
+
+def note_llm_call() -> None:
+    counter = llm_call_counter.get()
+    if counter is not None:
+        counter[0] += 1
+
 
 class _BaggageScope:
     """A context manager (sync and async) and a decorator (sync and async functions)."""
 
     def __init__(self, entries: dict[str, str]) -> None:
         self._entries = entries
-        self._tokens: list[object] = []
+        # Per task and thread: one scope object may be entered concurrently, e.g. by many tasks.
+        self._tokens: ContextVar[tuple[object, ...]] = ContextVar("genai_mlflow_scope_tokens", default=())
 
     def _attach(self) -> object:
         ctx = context.get_current()
@@ -32,11 +44,14 @@ class _BaggageScope:
         return context.attach(ctx)
 
     def __enter__(self) -> _BaggageScope:
-        self._tokens.append(self._attach())
+        token = self._attach()
+        self._tokens.set((*self._tokens.get(), token))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        context.detach(self._tokens.pop())  # type: ignore[arg-type]
+        *rest, token = self._tokens.get()
+        self._tokens.set(tuple(rest))
+        context.detach(token)  # type: ignore[arg-type]
 
     async def __aenter__(self) -> _BaggageScope:
         return self.__enter__()

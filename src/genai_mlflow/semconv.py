@@ -117,16 +117,18 @@ DURATION_BUCKETS: Final = (
 # Environment variables
 ENV_CAPTURE_CONTENT: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
-# Operations that are model inference calls (as opposed to execute_tool, invoke_agent, create_agent).
-OP_GENERATE_CONTENT: Final = "generate_content"
-LLM_OPERATIONS: Final = frozenset({OP_CHAT, OP_TEXT_COMPLETION, OP_EMBEDDINGS, OP_GENERATE_CONTENT})
+# GenAI operations that are not model calls; an agent span's usage, if any, sums its model calls.
+OP_EXECUTE_TOOL: Final = "execute_tool"
+OP_INVOKE_AGENT: Final = "invoke_agent"
+OP_CREATE_AGENT: Final = "create_agent"
+NON_MODEL_OPERATIONS: Final = frozenset({OP_EXECUTE_TOOL, OP_INVOKE_AGENT, OP_CREATE_AGENT})
 
 # Other OpenTelemetry names read by the exporter
 OPENAI_REQUEST_PREFIX: Final = "openai.request."
 SESSION_ID: Final = "session.id"
 SERVICE_NAME: Final = "service.name"
 
-# MLflow span attributes (see tests/MLFLOW_OTLP_NOTES.md)
+# MLflow span attributes (see docs/mlflow-otlp-notes.md)
 MLFLOW_SPAN_INPUTS: Final = "mlflow.spanInputs"
 MLFLOW_SPAN_OUTPUTS: Final = "mlflow.spanOutputs"
 MLFLOW_LLM_COST: Final = "mlflow.llm.cost"
@@ -139,6 +141,7 @@ GENAI_MLFLOW_TRACE_ID: Final = "genai_mlflow.trace_id"
 GENAI_MLFLOW_PERSONA: Final = "genai_mlflow.persona"
 GENAI_MLFLOW_DATE: Final = "genai_mlflow.date"
 GENAI_MLFLOW_WINDOW: Final = "genai_mlflow.window"
+GENAI_MLFLOW_APP_VERSION: Final = "genai_mlflow.app_version"
 GENAI_MLFLOW_PARAMS_TRUNCATED: Final = "genai_mlflow.params_truncated"
 GENAI_MLFLOW_COST_UNKNOWN_MODELS: Final = "genai_mlflow.cost_unknown_models"
 GENAI_MLFLOW_REMOTE_PARENT_SPAN_ID: Final = "genai_mlflow.remote_parent_span_id"

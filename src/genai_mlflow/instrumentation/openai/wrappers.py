@@ -18,6 +18,7 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Tracer, set_span_in_context
 
 from genai_mlflow import semconv as sc
+from genai_mlflow.context import note_llm_call
 
 from . import attributes as attrs
 from .attributes import NO_CONTENT, Attributes, ContentPolicy
@@ -193,6 +194,7 @@ def make_wrapper(endpoint: Endpoint, tracing: Tracing) -> Wrapper:
         if _IN_CALL.get() or not is_instrumentation_enabled():
             return None
         try:
+            note_llm_call()
             return tracing.start(endpoint, instance, kwargs)
         except Exception:
             logger.exception("genai-mlflow could not start a span for %s", endpoint.method)

@@ -1,0 +1,1 @@
+"""Spans to MLflow: pricing, record translation, spool, writer and the MLflow gateway."""

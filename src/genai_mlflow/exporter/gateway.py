@@ -1,0 +1,299 @@
+"""The MLflow calls the writer makes, and nothing else: one thin class per kind of tracking URI.
+
+``RestGateway`` talks to an MLflow server with the fewest requests MLflow allows (raw REST and OTLP,
+with MLflow's own credentials handling, and no hidden retries: the writer retries, behind its
+circuit breaker). ``StoreGateway`` writes to a local tracking store (the embedded
+``sqlite:///mlflow.db``) through MLflow's store API, the same calls the server would make.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from .records import Offload
+
+OTLP_PATH = "/v1/traces"
+_USER = (
+    getpass.getuser() if hasattr(os, "getuid") else "genai-mlflow"
+)  # the run's user, as MLflow's client sets it
+REQUEST_TIMEOUT_S = 30
+
+
+class GatewayError(RuntimeError):
+    """An MLflow call failed. ``retryable`` is False for errors that a retry cannot fix."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Gateway(Protocol):
+    tracking_uri: str
+
+    def experiment_id(self, name: str, tags: dict[str, str]) -> str: ...
+    def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str: ...
+    def log_batch(
+        self,
+        run_id: str,
+        params: dict[str, str],
+        metrics: Sequence[tuple[str, float, int, int]],
+        tags: dict[str, str],
+    ) -> None: ...
+    def end_run(self, run_id: str, status: str, end_ms: int) -> None: ...
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None: ...
+    def post_traces(
+        self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest
+    ) -> None: ...
+    def upload(self, run_id: str, offloads: Sequence[Offload]) -> None: ...
+    def artifact_uri(self, run_id: str, path: str) -> str: ...
+
+
+def make_gateway(tracking_uri: str) -> Gateway:
+    if tracking_uri.startswith(("http://", "https://")):
+        return RestGateway(tracking_uri)
+    return StoreGateway(tracking_uri)
+
+
+class _ExperimentCache:
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> str | None:
+        return self._ids.get(name)
+
+    def put(self, name: str, experiment_id: str) -> str:
+        with self._lock:
+            self._ids[name] = experiment_id
+        return experiment_id
+
+
+class RestGateway:
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow.utils.credentials import get_default_host_creds
+
+        self.tracking_uri = tracking_uri.rstrip("/")
+        self._creds = get_default_host_creds(self.tracking_uri)
+        self._experiments = _ExperimentCache()
+
+    def _call(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            response = http_request(
+                self._creds,
+                endpoint,
+                method,
+                max_retries=0,
+                backoff_factor=0,
+                timeout=REQUEST_TIMEOUT_S,
+                **kwargs,
+            )
+        except Exception as exc:  # connection refused, timeout, TLS: all worth a retry
+            raise GatewayError(f"{method} {self.tracking_uri}{endpoint}: {exc}") from exc
+        if response.status_code >= 400:
+            retryable = response.status_code in (408, 429) or response.status_code >= 500
+            raise GatewayError(
+                f"{method} {endpoint} answered {response.status_code}: {response.text[:500]}",
+                retryable=retryable,
+            ) from None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return None
+
+    def _api(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._call(method, f"/api/2.0/mlflow/{path}", **kwargs)
+
+    def experiment_id(self, name: str, tags: dict[str, str]) -> str:
+        known = self._experiments.get(name)
+        if known is not None:
+            return known
+        try:
+            found = self._api("GET", "experiments/get-by-name", params={"experiment_name": name})
+        except GatewayError as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
+                raise
+            found = None
+        if found:
+            experiment = found["experiment"]
+            if experiment.get("lifecycle_stage") == "deleted":
+                self._api("POST", "experiments/restore", json={"experiment_id": experiment["experiment_id"]})
+            return self._experiments.put(name, experiment["experiment_id"])
+        try:
+            created = self._api(
+                "POST",
+                "experiments/create",
+                json={"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]},
+            )
+        except GatewayError as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+            return self.experiment_id(name, tags)  # another writer created it first
+        return self._experiments.put(name, created["experiment_id"])
+
+    def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str:
+        body = {
+            "experiment_id": experiment_id,
+            "user_id": _USER,
+            "run_name": name,
+            "start_time": start_ms,
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        return str(self._api("POST", "runs/create", json=body)["run"]["info"]["run_id"])
+
+    def log_batch(
+        self,
+        run_id: str,
+        params: dict[str, str],
+        metrics: Sequence[tuple[str, float, int, int]],
+        tags: dict[str, str],
+    ) -> None:
+        body = {
+            "run_id": run_id,
+            "params": [{"key": k, "value": v} for k, v in params.items()],
+            "metrics": [{"key": k, "value": v, "timestamp": ts, "step": step} for k, v, ts, step in metrics],
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        self._api("POST", "runs/log-batch", json=body)
+
+    def end_run(self, run_id: str, status: str, end_ms: int) -> None:
+        self._api("POST", "runs/update", json={"run_id": run_id, "status": status, "end_time": end_ms})
+
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        found = self._api(
+            "POST",
+            "runs/search",
+            json={"experiment_ids": [experiment_id], "filter": f"tags.`{tag}` = '{value}'", "max_results": 1},
+        )
+        runs = (found or {}).get("runs") or []
+        return str(runs[0]["info"]["run_id"]) if runs else None
+
+    def post_traces(self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest) -> None:
+        headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
+        if run_id is not None:
+            headers["x-mlflow-run-id"] = run_id
+        self._call("POST", OTLP_PATH, data=request.SerializeToString(), extra_headers=headers)
+
+    def upload(self, run_id: str, offloads: Sequence[Offload]) -> None:
+        _upload(self.tracking_uri, run_id, offloads)
+
+    def artifact_uri(self, run_id: str, path: str) -> str:
+        return f"runs:/{run_id}/{path}"
+
+
+class StoreGateway:
+    """The embedded store: MLflow's store API in this process, as the server would call it."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        self.tracking_uri = tracking_uri
+        self._store = _get_store(tracking_uri)
+        self._experiments = _ExperimentCache()
+        self._lock = threading.Lock()  # sqlite takes one writer at a time
+
+    def experiment_id(self, name: str, tags: dict[str, str]) -> str:
+        from mlflow.entities import ExperimentTag, LifecycleStage
+        from mlflow.exceptions import MlflowException
+
+        known = self._experiments.get(name)
+        if known is not None:
+            return known
+        with self._lock:
+            experiment = self._store.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == LifecycleStage.DELETED:
+                    self._store.restore_experiment(experiment.experiment_id)
+                return self._experiments.put(name, experiment.experiment_id)
+            try:
+                created = self._store.create_experiment(
+                    name, tags=[ExperimentTag(k, v) for k, v in tags.items()]
+                )
+            except MlflowException as exc:
+                raise GatewayError(str(exc), retryable=False) from exc
+        return self._experiments.put(name, str(created))
+
+    def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str:
+        from mlflow.entities import RunTag
+
+        with self._lock:
+            created = self._store.create_run(
+                experiment_id,
+                user_id=_USER,
+                start_time=start_ms,
+                tags=[RunTag(k, v) for k, v in tags.items()],
+                run_name=name,
+            )
+        return str(created.info.run_id)
+
+    def log_batch(
+        self,
+        run_id: str,
+        params: dict[str, str],
+        metrics: Sequence[tuple[str, float, int, int]],
+        tags: dict[str, str],
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        with self._lock:
+            self._store.log_batch(
+                run_id,
+                metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics],
+                params=[Param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+
+    def end_run(self, run_id: str, status: str, end_ms: int) -> None:
+        from mlflow.entities import RunStatus
+
+        with self._lock:
+            self._store.update_run_info(run_id, RunStatus.from_string(status), end_ms, None)
+
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        from mlflow.entities import ViewType
+
+        with self._lock:
+            runs = self._store.search_runs(
+                [experiment_id], f"tags.`{tag}` = '{value}'", ViewType.ALL, max_results=1
+            )
+        return runs[0].info.run_id if runs else None
+
+    def post_traces(self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest) -> None:
+        from mlflow.entities import Span
+
+        spans = []
+        roots = []
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for proto in scope_spans.spans:
+                    span = Span.from_otel_proto(proto, resource=resource_spans.resource)
+                    spans.append(span)
+                    if not proto.parent_span_id:
+                        roots.append(span.trace_id)
+        with self._lock:
+            self._store.log_spans(experiment_id, spans)
+            if run_id is not None and roots:
+                self._store.link_traces_to_run(sorted(set(roots)), run_id)
+
+    def upload(self, run_id: str, offloads: Sequence[Offload]) -> None:
+        _upload(self.tracking_uri, run_id, offloads)
+
+    def artifact_uri(self, run_id: str, path: str) -> str:
+        return f"runs:/{run_id}/{path}"
+
+
+def _upload(tracking_uri: str, run_id: str, offloads: Sequence[Offload]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for offload in offloads:
+        try:
+            client.log_text(run_id, offload.content, offload.artifact_path)
+        except Exception as exc:
+            raise GatewayError(f"uploading {offload.artifact_path} to run {run_id}: {exc}") from exc

@@ -1,0 +1,130 @@
+"""The durable span processor: every finished span of a GenAI trace goes to the spool at once.
+
+A span is safe once it has ended: GenAI spans are appended the moment they end, as an OTLP record
+in the OS's buffers, so a killed process loses nothing. The app's other spans (web requests,
+database calls) are held in memory only until their trace's local root ends, and are written then
+if the trace made an LLM call, or dropped if it did not: a trace without LLM calls never reaches
+MLflow. The writer merges the records of a trace by its id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from genai_mlflow import semconv as sc
+
+from .spool import Spool
+
+logger = logging.getLogger("genai_mlflow.exporter")
+
+# Bounds on what waits in memory for a local root to end: other spans of traces still open.
+MAX_OPEN_TRACES = 10_000
+MAX_SPANS_PER_TRACE = 1_000
+
+
+class _OpenTrace:
+    __slots__ = ("genai", "spans")
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.genai = False
+
+
+def encode(spans: Sequence[ReadableSpan]) -> bytes:
+    return bytes(encode_spans(spans).SerializeToString())
+
+
+def is_local_root(span: ReadableSpan) -> bool:
+    return span.parent is None or span.parent.is_remote
+
+
+class DurableSpanProcessor(SpanProcessor):
+    """Appends GenAI traces to a spool; ``on_appended`` wakes the writer."""
+
+    def __init__(self, spool: Spool, on_appended: Callable[[], None] | None = None) -> None:
+        self._spool = spool
+        self.on_appended = on_appended  # replaced when a forked child gets a writer of its own
+        self._open: OrderedDict[int, _OpenTrace] = OrderedDict()
+        self._lock = threading.Lock()
+        self.dropped_spans = 0
+        self._last_drop_log = 0.0
+        self._closed = False  # a provider cannot drop a processor: a shut-down one stays inert
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            self._on_end(span)
+        except Exception:  # never into the app
+            logger.exception("genai-mlflow could not spool a span")
+
+    def _on_end(self, span: ReadableSpan) -> None:
+        if self._closed:
+            return
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        genai = sc.GEN_AI_OPERATION_NAME in (span.attributes or {})
+        root = is_local_root(span)
+        trace_id = context.trace_id
+        with self._lock:
+            open_trace = self._open.pop(trace_id, None) if root else self._open.get(trace_id)
+            if open_trace is None and not root:
+                open_trace = self._open[trace_id] = _OpenTrace()
+                self._evict_oldest()
+            if open_trace is None:  # a standalone span: its own trace
+                batch: list[ReadableSpan] = [span] if genai else []
+            elif genai or root:
+                batch = [*open_trace.spans, span] if (genai or open_trace.genai) else []
+                open_trace.spans = []
+                open_trace.genai = open_trace.genai or genai
+            else:
+                if len(open_trace.spans) < MAX_SPANS_PER_TRACE:
+                    open_trace.spans.append(span)
+                else:
+                    self._count_drop(1)
+                batch = []
+        if batch:
+            self._append(batch)
+
+    def _evict_oldest(self) -> None:
+        while len(self._open) > MAX_OPEN_TRACES:
+            _, evicted = self._open.popitem(last=False)
+            if evicted.genai and evicted.spans:  # its LLM calls are spooled; keep the rest too
+                self._append(evicted.spans)
+            else:
+                self._count_drop(len(evicted.spans))
+
+    def _count_drop(self, count: int) -> None:
+        self.dropped_spans += count
+        now = time.monotonic()
+        if count and now - self._last_drop_log > 10:
+            self._last_drop_log = now
+            logger.warning(
+                "genai-mlflow dropped %d non-LLM spans in all: too many open traces or spans per trace",
+                self.dropped_spans,
+            )
+
+    def _append(self, spans: Sequence[ReadableSpan]) -> None:
+        if self._spool.append(encode(spans)) and self.on_appended is not None:
+            self.on_appended()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            leftovers = [t.spans for t in self._open.values() if t.genai and t.spans]
+            self._open.clear()
+        for spans in leftovers:
+            self._append(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # every span that can be spooled already is; the writer's flush waits for MLflow

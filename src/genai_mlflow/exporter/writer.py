@@ -1,0 +1,467 @@
+"""The writer: drains the spool into MLflow, in parallel, retried, behind a circuit breaker.
+
+One drain thread reads records, merges the spans of each trace, and hands complete traces to a pool
+of workers that land them (mode ``call``: one run and one linked trace per local trace; mode
+``window``: metric steps on an hourly run per persona and model, and batched traces). A record is
+committed in the spool only once every trace in it has landed, so a crash or an outage replays it;
+the ledger and MLflow's upsert of traces by id make a replay land nothing twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from genai_mlflow import semconv as sc
+
+from . import records
+from .gateway import Gateway, GatewayError
+from .pricing import PriceTable
+from .records import LocalTrace, WindowPoint
+from .spool import Record, RecordId, Spool
+
+logger = logging.getLogger("genai_mlflow.exporter")
+
+# An incomplete trace from a live process waits this long for its local root before landing as is.
+ORPHAN_AFTER_S = 300.0
+LOCK_RETRY_S = 2.0  # how often a standby writer checks whether the draining one went away
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 60.0
+WINDOW_GRACE_S = 300.0
+MAX_TRACES_PER_REQUEST = 100  # MLflow links no trace at all past 100 roots in one request
+_CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next try"
+
+
+class CircuitBreaker:
+    """Open after consecutive failures; half-open after a cooldown that doubles, with jitter."""
+
+    def __init__(self, threshold: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = threshold
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        return self._clock() >= self._open_until
+
+    @property
+    def is_open(self) -> bool:
+        return not self.allow()
+
+    def success(self) -> None:
+        with self._lock:
+            if self._failures >= self._threshold:
+                logger.warning("genai-mlflow: MLflow is reachable again; replaying the spool")
+            self._failures = 0
+            self._open_until = 0.0
+
+    def failure(self, error: Exception) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._failures < self._threshold:
+                return
+            cooldown = backoff(self._failures - self._threshold)
+            self._open_until = self._clock() + cooldown
+            if self._failures == self._threshold:
+                logger.warning(
+                    "genai-mlflow cannot write to MLflow (%s); spans stay in the spool and are retried", error
+                )
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2**attempt)))
+
+
+@dataclass
+class _Pending:
+    """A trace being assembled from spool records, or waiting for a retry."""
+
+    trace: LocalTrace
+    records: set[RecordId] = field(default_factory=set)
+    replayed: bool = True  # every record it came from was written by a process now gone
+    last_seen: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    not_before: float = 0.0
+    in_flight: bool = False
+
+
+class Writer:
+    def __init__(
+        self,
+        spool: Spool,
+        gateway: Gateway,
+        prices: PriceTable,
+        *,
+        mode: str = "call",
+        workers: int = 8,
+        content_bound: int = 16 * 1024,
+        app_version: str | None = None,
+    ) -> None:
+        self._spool = spool
+        self._gateway = gateway
+        self._prices = prices
+        self._mode = mode
+        self._content_bound = content_bound
+        # Tagged on every run this writer makes.
+        self._extra_tags = {sc.GENAI_MLFLOW_APP_VERSION: app_version} if app_version else {}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genai-mlflow-writer")
+        self._breaker = CircuitBreaker()
+        self._pending: dict[bytes, _Pending] = {}
+        self._record_refs: dict[RecordId, int] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._windows = _Windows(gateway, spool, self._extra_tags)
+        self._draining = False  # holds the spool's drain lock
+        self._standby_s = 0.0
+        self._reads = 0  # drain cycles completed; flush waits for one that began after it
+        self.landed = 0
+        self.failed = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, standby_s: float = 0.0) -> None:
+        """Start the drain thread. It drains once it holds the spool's drain lock: after
+        ``standby_s``, at once if it is free, or when the process that holds it (another app
+        process, a writer process) goes away."""
+        self._standby_s = standby_s
+        self._thread = threading.Thread(target=self._run, name="genai-mlflow-drain", daemon=True)
+        self._thread.start()
+
+    @property
+    def draining(self) -> bool:
+        """Whether this writer holds the spool's drain lock (rather than standing by)."""
+        return self._draining
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """True once every complete trace spooled so far has landed; False at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        if not self._draining:  # another process drains: wait for the spool to empty
+            while time.monotonic() < deadline:
+                if self._spool.status().pending_records == 0:
+                    return True
+                time.sleep(0.05)
+            return False
+        target = self._spool_marker()
+        while True:
+            self._wake.set()
+            with self._idle:
+                if self._drained(target):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.1))
+
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        flushed = self.flush(timeout_s) if self._draining else True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+            self._thread = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._draining:
+            self._draining = False
+            self._spool.release_drain_lock()
+        return flushed
+
+    # --- draining ----------------------------------------------------------------------------
+
+    def _spool_marker(self) -> int:
+        with self._lock:
+            return self._reads
+
+    def _drained(self, target: int) -> bool:
+        # Caller holds the lock: a drain cycle began after the flush, and nothing landable is owed.
+        return self._reads > target + 1 and not any(self._owed(p) for p in self._pending.values())
+
+    @staticmethod
+    def _owed(pending: _Pending) -> bool:
+        if pending.not_before == float("inf"):  # given up: logged, kept in the spool
+            return False
+        return pending.in_flight or pending.replayed or records.is_complete(pending.trace)
+
+    def _run(self) -> None:
+        self._stop.wait(self._standby_s)
+        while not self._stop.is_set() and not self._draining:
+            if self._spool.acquire_drain_lock():
+                self._draining = True
+            else:
+                self._stop.wait(LOCK_RETRY_S)
+        while not self._stop.is_set():
+            self._wake.wait(0.25)
+            self._wake.clear()
+            try:
+                self._drain_once()
+            except Exception:
+                logger.exception("genai-mlflow's writer hit an unexpected error; it carries on")
+                time.sleep(0.5)
+
+    def _drain_once(self) -> None:
+        while True:
+            batch = self._spool.read(1000)
+            if batch:
+                self._ingest(batch)
+            if len(batch) < 1000:
+                break
+        with self._lock:
+            self._reads += 1
+        self._dispatch()
+        if self._mode == "window" and self._breaker.allow():
+            self._windows.end_past_windows()
+        with self._idle:
+            self._idle.notify_all()
+
+    def _ingest(self, batch: list[Record]) -> None:
+        now = time.monotonic()
+        empty: list[RecordId] = []
+        with self._lock:
+            for record in batch:
+                try:
+                    request = ExportTraceServiceRequest.FromString(record.payload)
+                    traces = records.local_traces(request)
+                except Exception:
+                    logger.exception("genai-mlflow skipped an unreadable spool record %s", record.id)
+                    empty.append(record.id)
+                    continue
+                if not traces:
+                    empty.append(record.id)
+                for trace in traces:
+                    pending = self._pending.get(trace.trace_id)
+                    if pending is None:
+                        pending = self._pending[trace.trace_id] = _Pending(trace)
+                    else:
+                        pending.trace = records.merge([pending.trace, trace])[0]
+                    pending.records.add(record.id)
+                    pending.replayed = pending.replayed and record.replayed
+                    pending.last_seen = now
+                    self._record_refs[record.id] = self._record_refs.get(record.id, 0) + 1
+        if empty:
+            self._spool.commit(empty)
+
+    def _ready(self, pending: _Pending, now: float) -> bool:
+        if pending.in_flight or now < pending.not_before:
+            return False
+        if records.is_complete(pending.trace) or pending.replayed:
+            return True
+        return now - pending.last_seen > ORPHAN_AFTER_S
+
+    def _dispatch(self) -> None:
+        if not self._breaker.allow():
+            return
+        now = time.monotonic()
+        with self._lock:
+            ready = [p for p in self._pending.values() if self._ready(p, now)]
+            for pending in ready:
+                pending.in_flight = True
+        if self._mode == "window":
+            # One batch for all: each window's calls become one log_batch and few trace requests.
+            if ready:
+                future = self._pool.submit(self._land_window, ready)
+                future.add_done_callback(functools.partial(self._landed_all, ready))
+            return
+        for pending in ready:
+            future = self._pool.submit(self._land_call, pending)
+            future.add_done_callback(functools.partial(self._landed, pending))
+
+    def _land_call(self, pending: _Pending) -> None:
+        if not self._breaker.allow():
+            raise GatewayError(_CIRCUIT_OPEN)
+        land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._extra_tags)
+
+    def _land_window(self, batch: list[_Pending]) -> None:
+        if not self._breaker.allow():
+            raise GatewayError(_CIRCUIT_OPEN)
+        self._windows.write([p.trace for p in batch], self._prices, self._content_bound)
+
+    def _landed_all(self, batch: list[_Pending], future: Future[None]) -> None:
+        for pending in batch:
+            self._landed(pending, future)
+
+    def _landed(self, pending: _Pending, future: Future[None]) -> None:
+        error = future.exception()
+        done: list[RecordId] = []
+        with self._lock:
+            pending.in_flight = False
+            if error is None:
+                self._pending.pop(pending.trace.trace_id, None)
+                for record_id in pending.records:
+                    left = self._record_refs.get(record_id, 1) - 1
+                    if left <= 0:
+                        self._record_refs.pop(record_id, None)
+                        done.append(record_id)
+                    else:
+                        self._record_refs[record_id] = left
+            else:
+                pending.attempts += 1
+                pending.not_before = time.monotonic() + backoff(pending.attempts)
+        if error is None:
+            self.landed += 1
+            self._breaker.success()
+            self._spool.commit(done)
+        elif isinstance(error, GatewayError) and not error.retryable:
+            self.failed += 1
+            logger.error(
+                "genai-mlflow could not land trace %s and will not retry: %s",
+                pending.trace.trace_id.hex(),
+                error,
+            )
+            with self._lock:
+                pending.not_before = float("inf")  # kept in the spool for `genai-mlflow spool replay`
+        elif not (isinstance(error, GatewayError) and str(error) == _CIRCUIT_OPEN):
+            self._breaker.failure(error)  # type: ignore[arg-type]
+            logger.debug("genai-mlflow will retry trace %s: %s", pending.trace.trace_id.hex(), error)
+        self._wake.set()
+
+
+RUN_STATE_CREATED = "created"
+RUN_STATE_DONE = "done"
+
+
+def land_call(
+    gateway: Gateway,
+    spool: Spool,
+    prices: PriceTable,
+    pending: _Pending,
+    content_bound: int,
+    extra_tags: dict[str, str],
+) -> None:
+    """Mode ``call``: one run per local trace, the trace linked to it; each step idempotent."""
+    trace = pending.trace
+    run = records.run_record(trace, prices)
+    ledger_key = "trace:" + run.trace_id
+    state = spool.ledger_get(ledger_key)
+    run_id, _, step = (state or "").partition("|")
+    if step == RUN_STATE_DONE:
+        return
+    experiment_id = gateway.experiment_id(run.experiment_name, records.experiment_tags(run.persona, run.day))
+    if not run_id and (pending.replayed or pending.attempts):
+        run_id = gateway.find_run(experiment_id, sc.GENAI_MLFLOW_TRACE_ID, run.trace_id) or ""
+    if not run_id:
+        run_id = gateway.create_run(experiment_id, run.run_name, run.start_ms, {**run.tags, **extra_tags})
+        spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_CREATED}")
+    request, offloads = records.trace_request(
+        [trace],
+        prices,
+        content_bound=content_bound,
+        artifact_uri=lambda path: gateway.artifact_uri(run_id, path),
+    )
+    if offloads:
+        gateway.upload(run_id, offloads)
+    gateway.post_traces(experiment_id, run_id, request)
+    gateway.log_batch(run_id, run.params, [(k, v, run.end_ms, 0) for k, v in run.metrics.items()], {})
+    gateway.end_run(run_id, run.status, run.end_ms)
+    spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_DONE}")
+
+
+class _Windows:
+    """Mode ``window``: hourly runs per persona and model (per writer); calls become metric steps."""
+
+    def __init__(self, gateway: Gateway, spool: Spool, extra_tags: dict[str, str]) -> None:
+        self._gateway = gateway
+        self._spool = spool
+        self._extra_tags = extra_tags
+        self._lock = threading.Lock()  # one batch at a time: steps and sums are per window
+        self._runs: dict[str, tuple[str, str]] = {}  # key -> (experiment id, run id)
+        self._steps: dict[str, int] = {}
+        self._sums: dict[str, dict[str, float]] = {}
+
+    def write(self, traces: list[LocalTrace], prices: PriceTable, content_bound: int) -> None:
+        with self._lock:
+            fresh = [t for t in traces if self._spool.ledger_get("trace:" + t.trace_id.hex()) is None]
+            by_key: dict[str, list[tuple[WindowPoint, LocalTrace]]] = {}
+            for trace in fresh:
+                for point in records.window_points(trace, prices):
+                    by_key.setdefault(point.key, []).append((point, trace))
+            for items in by_key.values():
+                self._write_window(items, prices, content_bound)
+            for trace in fresh:
+                self._spool.ledger_put("trace:" + trace.trace_id.hex(), RUN_STATE_DONE)
+
+    def _run_for(self, point: WindowPoint) -> tuple[str, str]:
+        known = self._runs.get(point.key)
+        if known is not None:
+            return known
+        day = point.hour.date()
+        experiment_id = self._gateway.experiment_id(
+            records.experiment_name(point.persona, day), records.experiment_tags(point.persona, day)
+        )
+        run_id = self._gateway.create_run(
+            experiment_id,
+            f"{point.model} {point.hour:%Y-%m-%d %H}h",
+            int(point.hour.timestamp() * 1000),
+            {
+                sc.GENAI_MLFLOW_WINDOW: point.key,
+                sc.GENAI_MLFLOW_PERSONA: point.persona,
+                "model": point.model,
+                **self._extra_tags,
+            },
+        )
+        self._runs[point.key] = (experiment_id, run_id)
+        return experiment_id, run_id
+
+    def _write_window(
+        self, items: list[tuple[WindowPoint, LocalTrace]], prices: PriceTable, content_bound: int
+    ) -> None:
+        first = items[0][0]
+        experiment_id, run_id = self._run_for(first)
+        sums = dict(self._sums.get(first.key, {}))
+        step = self._steps.get(first.key, 0)
+        metrics: list[tuple[str, float, int, int]] = []
+        for point, _ in items:
+            for name, value in point.metrics.items():
+                metrics.append((name, value, point.timestamp_ms, step))
+                sums[name] = sums.get(name, 0.0) + value
+            step += 1
+        last_ts = items[-1][0].timestamp_ms
+        metrics.extend((f"{name}_sum", total, last_ts, step) for name, total in sums.items())
+        metrics.append(("llm_calls_sum", float(step), last_ts, step))
+        traces = list({t.trace_id: t for _, t in items}.values())
+        for start in range(0, len(traces), MAX_TRACES_PER_REQUEST):
+            chunk = traces[start : start + MAX_TRACES_PER_REQUEST]
+            request, offloads = records.trace_request(
+                chunk,
+                prices,
+                content_bound=content_bound,
+                artifact_uri=lambda path: self._gateway.artifact_uri(run_id, path),
+            )
+            if offloads:
+                self._gateway.upload(run_id, offloads)
+            self._gateway.post_traces(experiment_id, run_id, request)
+        for start in range(0, len(metrics), 1000):
+            self._gateway.log_batch(run_id, {}, metrics[start : start + 1000], {})
+        self._steps[first.key] = step
+        self._sums[first.key] = sums
+
+    def end_past_windows(self) -> None:
+        now = datetime.now(UTC).timestamp()
+        with self._lock:
+            for key, (_, run_id) in list(self._runs.items()):
+                hour = key.rsplit("|", 1)[-1]
+                try:
+                    end = datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp() + 3600
+                except ValueError:
+                    continue
+                if now > end + WINDOW_GRACE_S:
+                    self._gateway.end_run(run_id, "FINISHED", int(end * 1000))
+                    del self._runs[key]
+                    self._steps.pop(key, None)
+                    self._sums.pop(key, None)
