@@ -13,8 +13,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from genai_mlflow.testing.openai_server import OpenAIServer
 
-pytest_plugins = ["tests.stack_fixtures"]
-
 
 @pytest.fixture(scope="session")
 def openai_server() -> Iterator[OpenAIServer]:

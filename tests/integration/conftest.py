@@ -13,6 +13,9 @@ import genai_mlflow
 from genai_mlflow.setup import Handle
 from genai_mlflow.testing.openai_server import OpenAIServer
 from tests.mlflow_stack import MlflowStack
+from tests.stack_fixtures import mlflow_env, mlflow_server
+
+__all__ = ["mlflow_env", "mlflow_server"]  # the stack's fixtures, for every test in this folder
 
 
 @pytest.fixture

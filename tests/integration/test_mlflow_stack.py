@@ -19,9 +19,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tests.mlflow_stack import MlflowStack
-from tests.stack_fixtures import mlflow_env, mlflow_server
-
-__all__ = ["mlflow_env", "mlflow_server"]  # fixtures, imported for pytest
 
 
 def _experiment(stack: MlflowStack) -> str:
