@@ -256,3 +256,19 @@ def test_writer_in_a_process_of_its_own(
     _, runs = _runs(mlflow_env.client(), persona_name)
     assert len(runs) == 3
     assert pipeline.drain_process.wait(timeout=30) == 0  # it exits once its parent's pipeline is gone
+
+
+def test_flush_and_shutdown_honour_their_timeouts(tmp_path: Path, client: openai.OpenAI, persona_name: str):
+    from tests.mlflow_stack import free_port
+
+    handle = genai_mlflow.instrument(f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path / "spool"))
+    try:
+        with genai_mlflow.persona(persona_name):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        started = time.monotonic()
+        assert handle.flush(1.0) is False  # nothing can land: no server there
+        assert time.monotonic() - started < 2.0
+    finally:
+        started = time.monotonic()
+        assert handle.shutdown(timeout_s=1.0) is False
+        assert time.monotonic() - started < 3.0

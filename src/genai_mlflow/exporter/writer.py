@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -83,6 +84,46 @@ def backoff(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2**attempt)))
 
 
+class DaemonPool:
+    """A fixed pool of daemon threads. Unlike ``ThreadPoolExecutor``'s workers, these never hold
+    up the interpreter's exit while an MLflow request hangs: the spool keeps what did not land."""
+
+    def __init__(self, workers: int) -> None:
+        self._tasks: queue.SimpleQueue[
+            tuple[Future[None], Callable[..., None], tuple[object, ...]] | None
+        ] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"genai-mlflow-writer-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        future: Future[None] = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+
+
 @dataclass
 class _Pending:
     """A trace being assembled from spool records, or waiting for a retry."""
@@ -115,7 +156,7 @@ class Writer:
         self._content_bound = content_bound
         # Tagged on every run this writer makes.
         self._extra_tags = {sc.GENAI_MLFLOW_APP_VERSION: app_version} if app_version else {}
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genai-mlflow-writer")
+        self._pool = DaemonPool(workers)
         self._breaker = CircuitBreaker()
         self._pending: dict[bytes, _Pending] = {}
         self._record_refs: dict[RecordId, int] = {}
@@ -177,7 +218,7 @@ class Writer:
         if self._thread is not None:
             self._thread.join(max(0.1, deadline - time.monotonic()))
             self._thread = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         if self._draining:
             self._draining = False
             self._spool.release_drain_lock()
