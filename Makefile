@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Older openai majors the instrumentation is tested against, each in a light venv of its own.
 OPENAI_COMPAT := 1.66.5 1.109.1 2.8.1
 
-.PHONY: demo test lint test-compat clean
+.PHONY: demo test lint test-compat system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint test-compat
+test: system-deps lint test-compat
 	$(BIN)/python -m pytest
+
+# Debian's chromium, for the test that reads the MLflow UI in a real browser.
+system-deps:
+	scripts/install-system-deps
 
 test-compat: $(STAMP)
 	@for v in $(OPENAI_COMPAT); do \
