@@ -49,6 +49,9 @@ def test_launcher_instruments_an_unmodified_app(server: OpenAIServer, tmp_path: 
         "OTEL_METRICS_EXPORTER": "none",
         "OTEL_LOGS_EXPORTER": "none",
         "GENAI_MLFLOW_DISABLED": "",
+        # Only the instrumentor's discovery is under test here: no configurator sets up the SDK
+        # (this package's own distro would send the calls to MLflow; tests/integration covers that).
+        "OTEL_PYTHON_CONFIGURATOR": "none",
     }
     env.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
     done = subprocess.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ Redactor = Callable[[str], str]
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 REDACTION_FAILED = "[withheld: the redaction hook failed]"
 TRUNCATION_MARKER = "...[truncated by genai-mlflow: {total} characters in all]"
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 # Parameters whose values are content, or client options rather than request parameters.
 _NOT_PARAMETERS = frozenset(
@@ -89,6 +91,10 @@ class ContentPolicy:
     def dumps(self, value: Any) -> str:
         """JSON for one attribute, cut to the size bound with a marker saying how much there was."""
         encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        # Lone surrogates (a JSON "\udcff" escape, surrogateescape'd bytes) are not UTF-8: the
+        # OTLP encoder would drop the whole attribute. They become U+FFFD.
+        if not encoded.isascii():
+            encoded = _LONE_SURROGATES.sub("\ufffd", encoded)
         return truncate(encoded, self.max_value_bytes)
 
 
@@ -109,6 +115,17 @@ def truncate(value: str, max_bytes: int) -> str:
 def _get(obj: Any, key: str, default: Any = None) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(key, default)
+    # The client's pydantic models: read fields from __dict__ first, since a missing attribute
+    # costs pydantic an exception raised and caught.
+    fields = getattr(obj, "__dict__", None)
+    if fields is not None and key in fields:
+        return fields[key]
+    extra = getattr(obj, "__pydantic_extra__", None)
+    if extra is not None and key in extra:
+        return extra[key]
+    cls = type(obj)
+    if fields is not None and hasattr(cls, "model_fields") and not hasattr(cls, key):
+        return default  # a pydantic model without that field (and no property of that name)
     return getattr(obj, key, default)
 
 

@@ -45,7 +45,7 @@ _VIEWS = ("with_raw_response", "with_streaming_response")
 # Other instrumentations of the same client, by module and class.
 _OTHER_INSTRUMENTORS = (
     ("opentelemetry.instrumentation.openai_v2", "OpenAIInstrumentor"),
-    ("opentelemetry.instrumentation.genai_openai", "OpenAIInstrumentor"),
+    ("opentelemetry.instrumentation.genai.openai", "OpenAIInstrumentor"),
     ("opentelemetry.instrumentation.openai", "OpenAIInstrumentor"),
     ("openinference.instrumentation.openai", "OpenAIInstrumentor"),
 )
@@ -117,7 +117,9 @@ class OpenAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for module_name, cls_name in _OTHER_INSTRUMENTORS:
             module = sys.modules.get(module_name)
             cls = getattr(module, cls_name, None) if module is not None else None
-            if cls is not None and cls is not OpenAIInstrumentor and cls().is_instrumented_by_opentelemetry:
+            # Read the singleton without constructing it: a constructor call re-runs its __init__.
+            instance = getattr(cls, "_instance", None) if cls is not OpenAIInstrumentor else None
+            if getattr(instance, "_is_instrumented_by_opentelemetry", False):
                 others.append(f"{module_name}.{cls_name}")
         for endpoint in _endpoints():
             owner = _resolve(endpoint)

@@ -7,7 +7,9 @@ ours is logged and the user's call goes on untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -101,9 +103,17 @@ def _new_accumulator(kind: str, policy: ContentPolicy) -> ChatAccumulator | Resp
 
 
 def _server(instance: Any) -> tuple[str, Attributes]:
-    """The provider name and server address of the client behind a resource."""
+    """The provider name and server address of the client behind a resource, cached per client."""
     client = getattr(instance, "_client", None)
-    url = getattr(client, "base_url", None)
+    if client is None:
+        return sc.PROVIDER_OPENAI, {}
+    try:
+        cached = _SERVERS.get(client)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] is client.base_url:
+        return cached[1], cached[2]
+    url = client.base_url
     found: Attributes = {}
     provider = sc.PROVIDER_OPENAI
     if url is not None:
@@ -112,9 +122,15 @@ def _server(instance: Any) -> tuple[str, Attributes]:
         found[sc.SERVER_PORT] = url.port or (443 if url.scheme == "https" else 80)
         if host.endswith((".openai.azure.com", ".cognitiveservices.azure.com")):
             provider = sc.PROVIDER_AZURE
-    if client is not None and type(client).__name__.startswith(("AzureOpenAI", "AsyncAzureOpenAI")):
+    if type(client).__name__.startswith(("AzureOpenAI", "AsyncAzureOpenAI")):
         provider = sc.PROVIDER_AZURE
+    with contextlib.suppress(TypeError):
+        _SERVERS[client] = (url, provider, found)
     return provider, found
+
+
+# Keyed by client; the base URL is kept to notice a client whose base_url was changed.
+_SERVERS: weakref.WeakKeyDictionary[Any, tuple[Any, str, Attributes]] = weakref.WeakKeyDictionary()
 
 
 class Tracing:
