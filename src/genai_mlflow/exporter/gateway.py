@@ -23,6 +23,8 @@ _USER = (
     getpass.getuser() if hasattr(os, "getuid") else "genai-mlflow"
 )  # the run's user, as MLflow's client sets it
 REQUEST_TIMEOUT_S = 30
+# What MLflow says when a run is created in a soft-deleted experiment.
+_DELETED_EXPERIMENT = "must be in the 'active' state"
 
 
 class GatewayError(RuntimeError):
@@ -145,6 +147,14 @@ class RestGateway:
             "start_time": start_ms,
             "tags": [{"key": k, "value": v} for k, v in tags.items()],
         }
+        try:
+            return str(self._api("POST", "runs/create", json=body)["run"]["info"]["run_id"])
+        except GatewayError as exc:
+            if _DELETED_EXPERIMENT not in str(exc):
+                raise
+        # Someone soft-deleted the experiment since it was looked up: restore it, as
+        # experiment_id() does for one found deleted, and try once more.
+        self._api("POST", "experiments/restore", json={"experiment_id": experiment_id})
         return str(self._api("POST", "runs/create", json=body)["run"]["info"]["run_id"])
 
     def log_batch(
@@ -221,8 +231,9 @@ class StoreGateway:
 
     def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str:
         from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
 
-        with self._lock:
+        def create() -> str:
             created = self._store.create_run(
                 experiment_id,
                 user_id=_USER,
@@ -230,7 +241,16 @@ class StoreGateway:
                 tags=[RunTag(k, v) for k, v in tags.items()],
                 run_name=name,
             )
-        return str(created.info.run_id)
+            return str(created.info.run_id)
+
+        with self._lock:
+            try:
+                return create()
+            except MlflowException as exc:
+                if _DELETED_EXPERIMENT not in str(exc):
+                    raise
+            self._store.restore_experiment(experiment_id)  # deleted since it was looked up
+            return create()
 
     def log_batch(
         self,

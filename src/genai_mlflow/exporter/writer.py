@@ -38,6 +38,7 @@ LOCK_RETRY_S = 2.0  # how often a standby writer checks whether the draining one
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 60.0
 WINDOW_GRACE_S = 300.0
+MAX_PENDING_TRACES = 20_000  # traces held in memory at most; the rest wait in the spool
 MAX_TRACES_PER_REQUEST = 100  # MLflow links no trace at all past 100 roots in one request
 _CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next try"
 
@@ -59,15 +60,23 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return not self.allow()
 
-    def success(self) -> None:
+    def success(self) -> bool:
+        """True if this closes a circuit that had opened: MLflow is back."""
         with self._lock:
-            if self._failures >= self._threshold:
+            recovered = self._failures >= self._threshold
+            if recovered:
                 logger.warning("genai-mlflow: MLflow is reachable again; replaying the spool")
             self._failures = 0
             self._open_until = 0.0
+            return recovered
 
     def failure(self, error: Exception) -> None:
         with self._lock:
+            if self._clock() < self._open_until:
+                # Already open: the other requests that were in flight, or let through together
+                # when it half-opened, count as one failure, so the cooldown doubles per round
+                # rather than per request (which pushed it to its 60 s cap in seconds).
+                return
             self._failures += 1
             if self._failures < self._threshold:
                 return
@@ -168,6 +177,7 @@ class Writer:
         self._windows = _Windows(gateway, spool, self._extra_tags)
         self._draining = False  # holds the spool's drain lock
         self._standby_s = 0.0
+        self._backlog = False  # records left unread in the spool by the last drain cycle
         self._reads = 0  # drain cycles completed; flush waits for one that began after it
         self.landed = 0
         self.failed = 0
@@ -191,7 +201,8 @@ class Writer:
         self._wake.set()
 
     def flush(self, timeout_s: float) -> bool:
-        """True once every complete trace spooled so far has landed; False at the timeout."""
+        """True once every complete trace spooled so far has landed; False at the timeout, or as
+        soon as the rest has landed if a trace was given up (an error a retry cannot fix)."""
         deadline = time.monotonic() + timeout_s
         if not self._draining:  # another process drains: wait for the spool to empty
             while time.monotonic() < deadline:
@@ -200,11 +211,14 @@ class Writer:
                 time.sleep(0.05)
             return False
         target = self._spool_marker()
+        # Wake the drain thread once: waking it on every pass of this loop made it and the
+        # drain thread (which notifies _idle after each cycle) spin a CPU for the whole flush.
+        self._wake.set()
         while True:
-            self._wake.set()
             with self._idle:
                 if self._drained(target):
-                    return True
+                    # A trace given up on (e.g. MLflow answered 401) has not landed: say so now.
+                    return not any(p.not_before == float("inf") for p in self._pending.values())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -232,7 +246,11 @@ class Writer:
 
     def _drained(self, target: int) -> bool:
         # Caller holds the lock: a drain cycle began after the flush, and nothing landable is owed.
-        return self._reads > target + 1 and not any(self._owed(p) for p in self._pending.values())
+        return (
+            self._reads > target + 1
+            and not self._backlog
+            and not any(self._owed(p) for p in self._pending.values())
+        )
 
     @staticmethod
     def _owed(pending: _Pending) -> bool:
@@ -257,13 +275,20 @@ class Writer:
                 time.sleep(0.5)
 
     def _drain_once(self) -> None:
+        # Read no further than MAX_PENDING_TRACES ahead of what has landed: during a long outage
+        # the backlog stays on disk, not in memory.
+        backlog = False
         while True:
+            if len(self._pending) >= MAX_PENDING_TRACES:
+                backlog = True
+                break
             batch = self._spool.read(1000)
             if batch:
                 self._ingest(batch)
             if len(batch) < 1000:
                 break
         with self._lock:
+            self._backlog = backlog
             self._reads += 1
         self._dispatch()
         if self._mode == "window" and self._breaker.allow():
@@ -338,6 +363,10 @@ class Writer:
             self._landed(pending, future)
 
     def _landed(self, pending: _Pending, future: Future[None]) -> None:
+        if future.cancelled():  # shutdown() cancelled it before it ran: it stays in the spool
+            with self._lock:
+                pending.in_flight = False
+            return
         error = future.exception()
         done: list[RecordId] = []
         with self._lock:
@@ -356,7 +385,12 @@ class Writer:
                 pending.not_before = time.monotonic() + backoff(pending.attempts)
         if error is None:
             self.landed += 1
-            self._breaker.success()
+            if self._breaker.success():
+                # MLflow is back: what waited out the outage goes now, not after its own backoff.
+                with self._lock:
+                    for waiting in self._pending.values():
+                        if waiting.not_before != float("inf"):
+                            waiting.not_before = 0.0
             self._spool.commit(done)
         elif isinstance(error, GatewayError) and not error.retryable:
             self.failed += 1
