@@ -194,11 +194,13 @@ APP = textwrap.dedent(
     import openai
     import genai_mlflow
 
+    # An app that also makes the one-line call: under the launcher it must find the pipeline there.
+    handle = genai_mlflow.instrument()
     client = openai.OpenAI(base_url=sys.argv[1], api_key="k", max_retries=0)
     with genai_mlflow.persona(sys.argv[2]):
         messages = [{"role": "user", "content": "zero code"}]
         client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-    print("made the call")
+    print("made the call", handle.flush(30))
     """
 )
 
@@ -221,7 +223,7 @@ def test_launcher_with_no_flags_lands_in_mlflow(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "made the call" in done.stdout
+    assert "made the call True" in done.stdout
     mlflow = mlflow_env.client()
     deadline = time.monotonic() + 30  # landed at exit; allow the server to settle
     while time.monotonic() < deadline:
@@ -272,3 +274,50 @@ def test_flush_and_shutdown_honour_their_timeouts(tmp_path: Path, client: openai
         started = time.monotonic()
         assert handle.shutdown(timeout_s=1.0) is False
         assert time.monotonic() - started < 3.0
+
+
+EXPORTER_APP = textwrap.dedent(
+    """
+    import sys
+    import openai
+    from opentelemetry import trace
+    from opentelemetry.sdk._configuration import _initialize_components
+    from genai_mlflow import OpenAIInstrumentor, persona
+
+    # What another distro's configurator does with `--traces_exporter mlflow`: the SDK loads the
+    # exporter by its entry point name, behind a BatchSpanProcessor.
+    _initialize_components(trace_exporter_names=["mlflow"])
+    OpenAIInstrumentor().instrument()
+    client = openai.OpenAI(base_url=sys.argv[1], api_key="k", max_retries=0)
+    with persona(sys.argv[2]):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    print("flushed", trace.get_tracer_provider().force_flush(30000))
+    trace.get_tracer_provider().shutdown()
+    """
+)
+
+
+def test_traces_exporter_mlflow_beside_another_configurator(
+    mlflow_env: MlflowStack, server: OpenAIServer, tmp_path: Path, persona_name: str
+):
+    app = tmp_path / "app.py"
+    app.write_text(EXPORTER_APP)
+    env = {
+        **os.environ,
+        "GENAI_MLFLOW_SPOOL_DIR": str(tmp_path / "spool"),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+    }
+    done = subprocess.run(
+        [sys.executable, str(app), server.base_url, persona_name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "flushed True" in done.stdout
+    _, [run] = _runs(mlflow_env.client(), persona_name)
+    assert run.data.metrics["llm_calls"] == 1
