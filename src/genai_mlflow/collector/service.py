@@ -27,6 +27,7 @@ from genai_mlflow.exporter.processor import DurableSpanProcessor
 from genai_mlflow.exporter.spool import Spool, SpoolStatus
 from genai_mlflow.exporter.writer import Writer
 from genai_mlflow.setup import Pipeline
+from genai_mlflow.throttle import Throttle
 
 from . import otlp
 from .config import CollectorConfig
@@ -218,19 +219,6 @@ class MlflowHealth:
             self.reachable = False
 
 
-class _Throttle:
-    def __init__(self, interval_s: float) -> None:
-        self._interval = interval_s
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + self._interval
-        return True
-
-
 class CollectorService:
     """Everything the HTTP server asks: ``export`` for ``POST /v1/traces``, ``health``, ``ready``,
     ``metrics``, and ``shutdown``."""
@@ -266,7 +254,7 @@ class CollectorService:
         self._high_water = int(settings.spool_max_bytes * config.spool_high_water)
         self._status_cache: tuple[float, SpoolStatus] | None = None
         self._status_lock = threading.Lock()
-        self._bad_request_log = _Throttle(_WARN_EVERY_S)
+        self._bad_request_log = Throttle(_WARN_EVERY_S)
         self._register_observed()
 
     def start(self) -> None:

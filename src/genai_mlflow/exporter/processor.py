@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -20,6 +19,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from genai_mlflow import semconv as sc
+from genai_mlflow.throttle import Throttle
 
 from .spool import Spool
 
@@ -55,7 +55,7 @@ class DurableSpanProcessor(SpanProcessor):
         self._open: OrderedDict[int, _OpenTrace] = OrderedDict()
         self._lock = threading.Lock()
         self.dropped_spans = 0
-        self._last_drop_log = 0.0
+        self._drop_log = Throttle(10.0)
         self._closed = False  # a provider cannot drop a processor: a shut-down one stays inert
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -106,9 +106,7 @@ class DurableSpanProcessor(SpanProcessor):
 
     def _count_drop(self, count: int) -> None:
         self.dropped_spans += count
-        now = time.monotonic()
-        if count and now - self._last_drop_log > 10:
-            self._last_drop_log = now
+        if count and self._drop_log.ready():
             logger.warning(
                 "genai-mlflow dropped %d non-LLM spans in all: too many open traces or spans per trace",
                 self.dropped_spans,

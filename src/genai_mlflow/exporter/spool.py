@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from genai_mlflow.throttle import Throttle
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"\xd3GMS"
@@ -262,21 +264,6 @@ def _writer_of(segment: str) -> str | None:
     return match.group(1) if match else None
 
 
-class _Throttle:
-    """At most one log line per interval: a storm of failures must not become a storm of logs."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval = interval_s
-        self._next = 0.0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + self._interval
-        return True
-
-
 @dataclass(eq=False)
 class _Segment:
     """The drainer's view of one segment."""
@@ -380,8 +367,8 @@ class Spool:
         self._appended = 0
         self._next_rescan = 0.0
         self._dropped = 0
-        self._full_log = _Throttle(_WARN_S)
-        self._error_log = _Throttle(_WARN_S)
+        self._full_log = Throttle(_WARN_S)
+        self._error_log = Throttle(_WARN_S)
         # draining
         self._drain_fd: int | None = None
         self._states: dict[str, _Segment] = {}
@@ -393,8 +380,8 @@ class Spool:
         self._last_persist = 0.0
         self._next_maintain = 0.0
         self._corrupt = 0
-        self._corrupt_log = _Throttle(_WARN_S)
-        self._commit_log = _Throttle(_WARN_S)
+        self._corrupt_log = Throttle(_WARN_S)
+        self._commit_log = Throttle(_WARN_S)
         self._index: dict[str, _FrameIndex] = {}
         # SQLite
         self._conn: sqlite3.Connection | None = None
