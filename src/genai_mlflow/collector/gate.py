@@ -93,10 +93,6 @@ class TraceGate:
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    @property
-    def known_traces(self) -> int:
-        return len(self._known)
-
     def admit(self, traces: Mapping[bytes, list[Entry]], genai: Iterable[bytes]) -> Admitted:
         """Decide for one request's spans, grouped by trace id; ``genai`` are the trace ids with a
         GenAI span in this request."""

@@ -56,10 +56,6 @@ class CircuitBreaker:
     def allow(self) -> bool:
         return self._clock() >= self._open_until
 
-    @property
-    def is_open(self) -> bool:
-        return not self.allow()
-
     def success(self) -> bool:
         """True if this closes a circuit that had opened: MLflow is back."""
         with self._lock:
