@@ -241,7 +241,9 @@ def test_launcher_with_no_flags_lands_in_mlflow(
 def test_writer_in_a_process_of_its_own(
     mlflow_env: MlflowStack, spool_dir: Path, client: openai.OpenAI, persona_name: str
 ):
-    handle = genai_mlflow.instrument(mlflow_env.tracking_uri, spool_dir=str(spool_dir), writer="process")
+    handle = genai_mlflow.instrument(
+        mlflow_env.tracking_uri, spool_dir=str(spool_dir), writer="process", app_version="v9"
+    )
     try:
         pipeline = handle.pipeline
         assert pipeline is not None and pipeline.drain_process is not None
@@ -257,6 +259,8 @@ def test_writer_in_a_process_of_its_own(
         handle.shutdown()
     _, runs = _runs(mlflow_env.client(), persona_name)
     assert len(runs) == 3
+    # The writer process got every setting, not only the URI and the spool.
+    assert {run.data.tags.get("genai_mlflow.app_version") for run in runs} == {"v9"}
     assert pipeline.drain_process.wait(timeout=30) == 0  # it exits once its parent's pipeline is gone
 
 

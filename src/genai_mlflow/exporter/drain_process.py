@@ -5,6 +5,8 @@ appends to the spool; this process drains it to MLflow. When the app shuts its p
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from genai_mlflow.config import Settings
 
@@ -23,18 +26,17 @@ DRAIN_AT_EXIT_S = 60.0
 
 def spawn(settings: Settings) -> subprocess.Popen[bytes]:
     """Start a drain process for ``settings``; it watches this process and outlives it briefly."""
+    # Every setting as this process resolved it (arguments and environment), so that the writer
+    # process prices, tags and batches exactly as this one would have.
+    resolved = {**dataclasses.asdict(settings), "spool_dir": str(settings.spool_dir), "writer": "thread"}
     command = [
         sys.executable,
         "-m",
         "genai_mlflow.exporter.drain_process",
         "--parent",
         str(os.getpid()),
-        "--tracking-uri",
-        settings.tracking_uri,
-        "--spool-dir",
-        str(settings.spool_dir),
-        "--mode",
-        settings.mode,
+        "--settings",
+        json.dumps(resolved),
     ]
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
@@ -46,14 +48,13 @@ def _parent_alive(pid: int) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genai_mlflow.exporter.drain_process")
     parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--tracking-uri", required=True)
-    parser.add_argument("--spool-dir", required=True)
-    parser.add_argument("--mode", default="call")
+    parser.add_argument("--settings", required=True, help="the app's resolved Settings, as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s genai-mlflow writer: %(message)s")
     from genai_mlflow.setup import Pipeline
 
-    settings = Settings.resolve(args.tracking_uri, spool_dir=args.spool_dir, mode=args.mode, writer="thread")
+    resolved = json.loads(args.settings)
+    settings = Settings(**{**resolved, "spool_dir": Path(resolved["spool_dir"])})
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pipeline = Pipeline.build(settings)
