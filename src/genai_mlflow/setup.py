@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from genai_mlflow.exporter.processor import DurableSpanProcessor
 from genai_mlflow.exporter.spool import Spool
 from genai_mlflow.exporter.writer import Writer
 from genai_mlflow.instrumentation.openai import OpenAIInstrumentor
+from genai_mlflow.instrumentation.openai.finisher import FINISHER
 
 logger = logging.getLogger("genai_mlflow")
 
@@ -78,12 +80,19 @@ class Pipeline:
         self.writer.start()
 
     def flush(self, timeout_s: float) -> bool:
-        return self.writer.flush(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        if not FINISHER.flush(timeout_s):  # calls that ended but whose spans are not yet ended
+            return False
+        return self.writer.flush(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         if self.closed:
             return True
         self.closed = True
+        FINISHER.flush(timeout_s)
+        with _lock:
+            if not any(not p.closed for p in _pipelines.values()):
+                FINISHER.enabled = False  # nothing drains it any more: finish inline
         self.processor.shutdown()
         flushed = self.writer.shutdown(timeout_s)
         if self.drain_process is not None and self.drain_process.poll() is None:
@@ -120,6 +129,9 @@ def attach(pipeline: Pipeline, provider: TracerProvider) -> None:
         if id(provider) not in pipeline.providers:
             pipeline.providers.add(id(provider))
             provider.add_span_processor(pipeline.processor)
+        # LLM spans are finished off the app's thread from now on: this pipeline drains them
+        # at flush, shutdown and exit.
+        FINISHER.enabled = True
 
 
 def sdk_tracer_provider() -> TracerProvider:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from genai_mlflow import semconv as sc
+from genai_mlflow.exporter import processor
 from genai_mlflow.exporter.processor import DurableSpanProcessor
 from genai_mlflow.exporter.spool import Spool
 
@@ -75,3 +78,43 @@ def test_after_shutdown_it_is_inert(tmp_path: Path):
     provider.shutdown()
     provider.get_tracer("t").start_span("chat gpt-4o-mini", attributes=LLM).end()
     assert _records(spool) == []
+
+
+def test_a_root_that_ends_before_its_llm_span_is_held_until_it_ends(tmp_path: Path):
+    # A web handler returns an LLM stream that the framework reads after the handler's span ended,
+    # or the span is finished in the background: the trace must still be written whole, once.
+    spool, provider, _ = _setup(tmp_path)
+    tracer = provider.get_tracer("t")
+    root = tracer.start_span("POST /chat")
+    with trace.use_span(root):
+        first = tracer.start_span("chat gpt-4o-mini", attributes=LLM)
+        second = tracer.start_span("chat gpt-4o", attributes=LLM)
+    first.end()
+    root.end()
+    assert _records(spool) == [["chat gpt-4o-mini"]]  # the root waits for the running LLM span
+    spool.release_drain_lock()
+    second.end()
+    assert _records(spool) == [["POST /chat", "chat gpt-4o"]]
+
+
+def test_a_root_held_for_a_running_llm_span_is_kept_when_evicted_or_shut_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(processor, "MAX_OPEN_TRACES", 1)
+    spool, provider, _ = _setup(tmp_path)
+    tracer = provider.get_tracer("t")
+    root = tracer.start_span("POST /chat")
+    with trace.use_span(root):
+        tracer.start_span("chat gpt-4o-mini", attributes=LLM)  # never ends
+    root.end()
+    with tracer.start_as_current_span("GET /other"), tracer.start_as_current_span("db"):
+        pass  # a second open trace evicts the first
+    assert _records(spool) == [["POST /chat"]]
+    spool.release_drain_lock()
+
+    root = tracer.start_span("POST /late")
+    with trace.use_span(root):
+        tracer.start_span("chat gpt-4o-mini", attributes=LLM)
+    root.end()
+    provider.shutdown()
+    assert _records(spool)[-1] == ["POST /late"]

@@ -8,12 +8,49 @@ from typing import Any
 import openai
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from genai_mlflow import OpenAIInstrumentor
+from genai_mlflow.instrumentation.openai.finisher import FINISHER
 from genai_mlflow.testing.openai_server import OpenAIServer
 
 Instrument = Callable[..., OpenAIInstrumentor]
+
+
+@pytest.fixture(autouse=True, params=["inline", "background"])
+def finishing(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with spans finished on the caller's thread, and on the finisher's
+    (as under genai-mlflow's pipeline)."""
+    FINISHER.enabled = request.param == "background"
+    yield request.param
+    assert FINISHER.flush(5)
+    FINISHER.enabled = False
+
+
+class _FinishedSpans(InMemorySpanExporter):
+    """What a reader sees once the finisher has caught up with the calls made so far."""
+
+    def get_finished_spans(self) -> tuple[ReadableSpan, ...]:
+        assert FINISHER.flush(5)
+        return super().get_finished_spans()
+
+
+class _FinishedMetrics(InMemoryMetricReader):
+    def get_metrics_data(self) -> MetricsData | None:
+        assert FINISHER.flush(5)
+        return super().get_metrics_data()
+
+
+@pytest.fixture
+def span_exporter() -> InMemorySpanExporter:
+    return _FinishedSpans()
+
+
+@pytest.fixture
+def metric_reader() -> InMemoryMetricReader:
+    return _FinishedMetrics()
 
 
 @pytest.fixture

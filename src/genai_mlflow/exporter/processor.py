@@ -31,11 +31,13 @@ MAX_SPANS_PER_TRACE = 1_000
 
 
 class _OpenTrace:
-    __slots__ = ("genai", "spans")
+    __slots__ = ("genai", "root_ended", "running", "spans")
 
     def __init__(self) -> None:
         self.spans: list[ReadableSpan] = []
-        self.genai = False
+        self.genai = False  # an LLM span of this trace has ended
+        self.running = 0  # LLM spans started and not yet ended
+        self.root_ended = False
 
 
 def encode(spans: Sequence[ReadableSpan]) -> bytes:
@@ -46,8 +48,16 @@ def is_local_root(span: ReadableSpan) -> bool:
     return span.parent is None or span.parent.is_remote
 
 
+def _is_genai(span: ReadableSpan) -> bool:
+    return sc.GEN_AI_OPERATION_NAME in (span.attributes or {})
+
+
 class DurableSpanProcessor(SpanProcessor):
-    """Appends GenAI traces to a spool; ``on_appended`` wakes the writer."""
+    """Appends GenAI traces to a spool; ``on_appended`` wakes the writer.
+
+    LLM spans are counted when they start: a local root that ends while one is still running (a
+    stream returned to a web framework, a span finished in the background) is held until the last
+    one ends, so the trace is written whole and lands as one run."""
 
     def __init__(self, spool: Spool, on_appended: Callable[[], None] | None = None) -> None:
         self._spool = spool
@@ -59,7 +69,14 @@ class DurableSpanProcessor(SpanProcessor):
         self._closed = False  # a provider cannot drop a processor: a shut-down one stays inert
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return None
+        try:
+            context = span.context
+            if self._closed or context is None or not context.trace_flags.sampled or not _is_genai(span):
+                return
+            with self._lock:
+                self._open_trace(context.trace_id).running += 1
+        except Exception:  # never into the app
+            logger.exception("genai-mlflow could not note a starting span")
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
@@ -67,39 +84,55 @@ class DurableSpanProcessor(SpanProcessor):
         except Exception:  # never into the app
             logger.exception("genai-mlflow could not spool a span")
 
+    def _open_trace(self, trace_id: int) -> _OpenTrace:
+        # Caller holds the lock.
+        open_trace = self._open.get(trace_id)
+        if open_trace is None:
+            open_trace = self._open[trace_id] = _OpenTrace()
+            self._evict_oldest()
+        return open_trace
+
     def _on_end(self, span: ReadableSpan) -> None:
         if self._closed:
             return
         context = span.context
         if context is None or not context.trace_flags.sampled:
             return
-        genai = sc.GEN_AI_OPERATION_NAME in (span.attributes or {})
+        genai = _is_genai(span)
         root = is_local_root(span)
         trace_id = context.trace_id
         with self._lock:
-            open_trace = self._open.pop(trace_id, None) if root else self._open.get(trace_id)
-            if open_trace is None and not root:
-                open_trace = self._open[trace_id] = _OpenTrace()
-                self._evict_oldest()
-            if open_trace is None:  # a standalone span: its own trace
+            if root and trace_id not in self._open:  # a standalone span: its own trace
                 batch: list[ReadableSpan] = [span] if genai else []
-            elif genai or root:
-                batch = [*open_trace.spans, span] if (genai or open_trace.genai) else []
-                open_trace.spans = []
-                open_trace.genai = open_trace.genai or genai
             else:
-                if len(open_trace.spans) < MAX_SPANS_PER_TRACE:
-                    open_trace.spans.append(span)
-                else:
-                    self._count_drop(1)
-                batch = []
+                batch = self._add(trace_id, self._open_trace(trace_id), span, genai, root)
         if batch:
             self._append(batch)
+
+    def _add(
+        self, trace_id: int, open_trace: _OpenTrace, span: ReadableSpan, genai: bool, root: bool
+    ) -> list[ReadableSpan]:
+        """What to write now that ``span`` of an open trace has ended. Caller holds the lock."""
+        if genai:
+            open_trace.genai = True
+            open_trace.running = max(0, open_trace.running - 1)
+        open_trace.root_ended = open_trace.root_ended or root
+        if genai or root or len(open_trace.spans) < MAX_SPANS_PER_TRACE:
+            open_trace.spans.append(span)
+        else:
+            self._count_drop(1)
+        if open_trace.root_ended and open_trace.running == 0:  # the trace is whole
+            del self._open[trace_id]
+            return open_trace.spans if open_trace.genai else []
+        if genai and not open_trace.root_ended:  # safe on disk now; the rest follows at the root
+            batch, open_trace.spans = open_trace.spans, []
+            return batch
+        return []
 
     def _evict_oldest(self) -> None:
         while len(self._open) > MAX_OPEN_TRACES:
             _, evicted = self._open.popitem(last=False)
-            if evicted.genai and evicted.spans:  # its LLM calls are spooled; keep the rest too
+            if (evicted.genai or evicted.running) and evicted.spans:  # an LLM trace: keep it
                 self._append(evicted.spans)
             else:
                 self._count_drop(len(evicted.spans))
@@ -119,7 +152,7 @@ class DurableSpanProcessor(SpanProcessor):
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
-            leftovers = [t.spans for t in self._open.values() if t.genai and t.spans]
+            leftovers = [t.spans for t in self._open.values() if (t.genai or t.running) and t.spans]
             self._open.clear()
         for spans in leftovers:
             self._append(spans)

@@ -18,6 +18,7 @@ from genai_mlflow.config import resolve_capture_content
 
 from .attributes import DEFAULT_MAX_VALUE_BYTES, ContentPolicy
 from .call import Instruments
+from .finisher import FINISHER
 from .views import TracedView
 from .wrappers import Endpoint, Tracing, make_wrapper
 
@@ -88,7 +89,7 @@ class OpenAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )
         tracer = get_tracer(__name__, __version__, kwargs.get("tracer_provider"), schema_url=_SCHEMA_URL)
         meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
-        tracing = Tracing(tracer, Instruments.create(meter), policy, _not_given_types())
+        tracing = Tracing(tracer, Instruments.create(meter), policy, _not_given_types(), FINISHER)
         self._warn_if_traced_twice()
         self._patched, self._views = [], []
         for endpoint in _endpoints():

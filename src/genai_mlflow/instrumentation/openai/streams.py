@@ -8,6 +8,7 @@ response, or by a context manager), or is garbage-collected unfinished. The prox
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import wrapt
@@ -133,12 +134,7 @@ class _StreamState:
             logger.exception("genai-mlflow could not read a stream chunk")
 
     def end(self, error: BaseException | None = None) -> None:
-        try:
-            result = self.accumulator.result()
-        except Exception:
-            logger.exception("genai-mlflow could not summarise a stream")
-            result = {}
-        self.call.end(result, error)
+        self.call.end(self.accumulator.result, error)
 
 
 class _ResponseProxy(wrapt.ObjectProxy[Any]):
@@ -271,12 +267,7 @@ class _RawResponseProxyBase(wrapt.ObjectProxy[Any]):
                 parsed, self._self_call, self._self_new_accumulator(), stream_kind == "async"
             )
             return self._self_stream
-        try:
-            result = self._self_summarise(parsed)
-        except Exception:
-            logger.exception("genai-mlflow could not read a raw response")
-            result = {}
-        self._self_call.end(result)
+        self._self_call.end(partial(self._self_summarise, parsed))
         return parsed
 
     def __del__(self) -> None:

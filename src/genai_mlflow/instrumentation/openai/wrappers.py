@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from opentelemetry import baggage, context
@@ -25,6 +26,7 @@ from genai_mlflow.context import note_llm_call
 from . import attributes as attrs
 from .attributes import NO_CONTENT, Attributes, ContentPolicy
 from .call import Instruments, LLMCall
+from .finisher import Finisher
 from .streams import (
     AsyncRawResponseProxy,
     ChatAccumulator,
@@ -42,6 +44,7 @@ RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 _IN_CALL: ContextVar[bool] = ContextVar("genai_mlflow_in_llm_call", default=False)
 _API_TYPES = {"chat": "chat_completions", "responses": "responses"}
 _BAGGAGE_KEYS = (sc.GEN_AI_AGENT_NAME, sc.GEN_AI_CONVERSATION_ID, sc.USER_ID)
+_CONTENT_KEYS = ("messages", "input", "instructions", "prompt", "tools")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,17 @@ def _input_content(kind: str, kwargs: Mapping[str, Any], policy: ContentPolicy) 
         if definitions:
             content[sc.GEN_AI_TOOL_DEFINITIONS] = definitions
     return content
+
+
+def _content_request(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What the content attributes are read from, kept until the call is finished. Lists are
+    copied: agents append to the messages list they passed as soon as the call returns."""
+    kept = {}
+    for key in _CONTENT_KEYS:
+        value = kwargs.get(key)
+        if value is not None:
+            kept[key] = list(value) if isinstance(value, list) else value
+    return kept
 
 
 def summarise(kind: str, response: Any, policy: ContentPolicy) -> Attributes:
@@ -142,11 +156,13 @@ class Tracing:
         instruments: Instruments,
         policy: ContentPolicy,
         not_given: tuple[type, ...],
+        finisher: Finisher,
     ) -> None:
         self.tracer = tracer
         self.instruments = instruments
         self.policy = policy
         self.not_given = not_given
+        self.finisher = finisher
 
     def start(self, endpoint: Endpoint, instance: Any, kwargs: Mapping[str, Any]) -> LLMCall:
         provider, server = _server(instance)
@@ -164,11 +180,10 @@ class Tracing:
         model = attributes.get(sc.GEN_AI_REQUEST_MODEL)
         name = f"{endpoint.operation} {model}" if model else endpoint.operation
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-        if span.is_recording():
-            content = _input_content(endpoint.kind, kwargs, self.policy)
-            if content:
-                span.set_attributes(content)
-        return LLMCall(span, attributes, self.instruments)
+        content = None
+        if span.is_recording() and (self.policy.capture or kwargs.get("tools")):
+            content = partial(_input_content, endpoint.kind, _content_request(kwargs), self.policy)
+        return LLMCall(span, attributes, self.instruments, self.finisher, content)
 
     def finish(self, endpoint: Endpoint, call: LLMCall, result: Any, kwargs: Mapping[str, Any]) -> Any:
         """End the span from the result, or hand it to a proxy that ends it later."""
@@ -186,7 +201,7 @@ class Tracing:
         if kwargs.get("stream") is True:
             return wrap_stream(result, call, _new_accumulator(kind, policy), endpoint.is_async)
         parsed = result.parse() if raw == "raw" else result
-        call.end(summarise(kind, parsed, policy))
+        call.end(partial(summarise, kind, parsed, policy))
         return result
 
 
