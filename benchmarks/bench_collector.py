@@ -6,11 +6,11 @@ Run by hand (not a test); needs PostgreSQL on 127.0.0.1:5432 (trust, user postgr
     .venv/bin/python benchmarks/bench_collector.py            # about 12-15 minutes on 2 cores
     .venv/bin/python benchmarks/bench_collector.py --quick    # about 4 minutes
 
-Everything runs on this machine: the stack of the integration tests (``tests/mlflow_stack.py``:
-``mlflow server --workers 2`` on PostgreSQL, artifacts on moto S3) and ``genai-mlflow collector`` in
-a subprocess. The spans are app-like traces (a web request span, an LLM call and three other
-children), 100 traces (500 spans) per OTLP/HTTP protobuf request, as an SDK's batch exporter sends
-them, from 4 sender threads. Phases:
+Everything runs on this machine: the stack of the integration tests (``tests/mlflow_stack.py``, which
+is ``genai-mlflow stack``'s: ``mlflow server --workers 2`` on PostgreSQL, artifacts on moto S3 or
+MinIO) and ``genai-mlflow collector`` in a subprocess, started as the stack starts it. The spans are
+app-like traces (a web request span, an LLM call and three other children), 100 traces (500 spans)
+per OTLP/HTTP protobuf request, as an SDK's batch exporter sends them, from 4 sender threads. Phases:
 
 1. ``collector/call`` and ``collector/window``: a fresh collector in each mode; *accepted* is spans
    over the time until every request was answered 200, *landed* is spans over the time until the
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,8 +42,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from genai_mlflow import stack as local_stack
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.mlflow_stack import MlflowStack, free_port, mlflow_stack
+from tests.mlflow_stack import MlflowStack, mlflow_stack
 
 SENDERS = 4
 TRACES_PER_REQUEST = 100
@@ -130,9 +130,11 @@ class RequestFactory:
 
 @dataclass
 class Collector:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+    child: local_stack.Child
+
+    @property
+    def url(self) -> str:
+        return self.child.url
 
     def metric(self, name: str) -> float:
         text = requests.get(self.url + "/metrics", timeout=10).text
@@ -156,20 +158,14 @@ class Collector:
     def rss_mib(self) -> tuple[float, float]:
         """(VmRSS, VmHWM) in MiB."""
         values = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.child.popen.pid}/status").read_text().splitlines():
             if line.startswith(("VmRSS:", "VmHWM:")):
                 key, number, _ = line.split()
                 values[key] = int(number) / 1024
         return values["VmRSS:"], values["VmHWM:"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.child.stop(30)
 
 
 def start_collector(
@@ -179,32 +175,19 @@ def start_collector(
     spool_max_bytes: int,
     extra_env: dict[str, str] | None = None,
 ) -> Collector:
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "collector.log"
-    env = {
-        **os.environ,
-        **stack.env,
-        "GENAI_MLFLOW_MODE": mode,
-        "GENAI_MLFLOW_SPOOL_MAX_BYTES": str(spool_max_bytes),
-        **(extra_env or {}),
-    }
-    command = [
-        sys.executable, "-m", "genai_mlflow.cli", "--tracking-uri", stack.tracking_uri, "collector",
-        "--host", "127.0.0.1", "--port", str(port), "--spool-dir", str(workdir / "spool"), "--grace", "2",
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    collector = Collector(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(collector.url + "/healthz", timeout=2).status_code == 200:
-                return collector
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    collector.stop()
-    raise RuntimeError("collector did not start:\n" + log.read_text())
+    child = local_stack.start_collector(
+        stack.tracking_uri,
+        spool_dir=workdir / "spool",
+        log_path=workdir / "collector.log",
+        args=["--host", "127.0.0.1", "--grace", "2"],
+        env={
+            **stack.env,
+            "GENAI_MLFLOW_MODE": mode,
+            "GENAI_MLFLOW_SPOOL_MAX_BYTES": str(spool_max_bytes),
+            **(extra_env or {}),
+        },
+    )
+    return Collector(child)
 
 
 # --- load ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""pytest fixtures for the real MLflow stack (``tests/mlflow_stack.py``).
+"""pytest fixtures for the real MLflow stack (``tests/mlflow_stack.py``, on ``genai_mlflow.stack``).
 
 To use them in a test module or a conftest, either import them::
 
@@ -8,7 +8,7 @@ or register this module as a plugin in the root ``tests/conftest.py``::
 
     pytest_plugins = ["tests.stack_fixtures"]
 
-``mlflow_server`` is session-scoped: one PostgreSQL database, one moto_server and one ``mlflow server``
+``mlflow_server`` is session-scoped: one PostgreSQL database, one S3 server and one ``mlflow server``
 for the whole session (start ~10 s, stop ~2-3 s). Tests share it, so they must create their own
 experiments (unique names) rather than assume an empty server. A test that stops the server should use
 ``with mlflow_server.outage(): ...``, which restarts it even if the test fails; ``mlflow_env`` also
@@ -26,7 +26,7 @@ from tests.mlflow_stack import MlflowStack, mlflow_stack
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowStack]:
-    """A running MLflow server (PostgreSQL backend, moto S3 artifacts), torn down after the session."""
+    """A running MLflow server (PostgreSQL backend, S3 artifacts), torn down after the session."""
     with mlflow_stack(tmp_path_factory.mktemp("mlflow-stack")) as stack:
         yield stack
 

@@ -12,6 +12,12 @@ The processes outlive ``up``: each runs in its own session, logs to the state di
 recorded (pid, start time, port) in ``stack.json`` there, so that ``down`` stops exactly those
 processes (the collector first, so it can drain to MLflow) even from another shell.
 
+The same code is a library, ``LocalStack``: ``with LocalStack(state_dir, database=...) as stack:``
+starts these pieces for the ``with`` block (the tests and the benchmarks run on it). There its
+processes get ``PR_SET_PDEATHSIG``, so that they die with the thread that started them, MLflow can be
+stopped and started again on its port (an outage), and at exit everything is stopped and a database
+the stack created is dropped. ``start_collector`` starts a collector on its own.
+
 Needs the ``stack`` extra (``pip install 'genai-mlflow[stack]'``): psycopg, boto3 and moto.
 """
 
@@ -31,10 +37,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import mlflow
 
 HOST = "127.0.0.1"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -45,7 +55,8 @@ DEFAULT_BUCKET = "genai-mlflow"
 STATE_FILE = "stack.json"
 # Stop order of `down`: the collector drains into MLflow, MLflow needs S3.
 _STOP_ORDER = ("collector", "mlflow", "s3")
-_STOP_GRACE = {"collector": 30.0, "mlflow": 10.0, "s3": 5.0}
+_STOP_GRACE = {"collector": 30.0, "mlflow": 5.0, "s3": 5.0}
+_KILL_WAIT_S = 3.0  # after SIGKILL, for the process (group) to be gone
 
 
 class StackError(RuntimeError):
@@ -84,12 +95,15 @@ class StackState:
 
     def client_env(self) -> dict[str, str]:
         """What an app (or a test) needs to use the stack."""
+        no_proxy = _no_proxy()
         env = {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
             "AWS_ACCESS_KEY_ID": self.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
+            "NO_PROXY": no_proxy,
+            "no_proxy": no_proxy,
         }
         if self.collector_url:
             env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"{self.collector_url}/v1/traces"
@@ -120,7 +134,12 @@ def default_state_dir() -> Path:
     return base / "genai-mlflow" / "stack"
 
 
-def _free_port() -> int:
+def default_pg_url() -> str:
+    return os.environ.get(ENV_PG_URL) or DEFAULT_PG_URL
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
@@ -135,7 +154,7 @@ def _port_in_use(port: int) -> bool:
 
 def _pick_port(requested: int, what: str) -> int:
     if requested == 0:
-        return _free_port()
+        return free_port()
     if _port_in_use(requested):
         raise StackError(f"port {requested} for {what} is taken; choose another (0 picks a free one)")
     return requested
@@ -173,22 +192,61 @@ def _bin(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _spawn(name: str, cmd: list[str], env: Mapping[str, str], log_path: Path, port: int, url: str) -> Service:
+# Runs as ``python -c _LAUNCHER <cmd...>``: sets PR_SET_PDEATHSIG (kept across execve), so that the
+# kernel sends SIGTERM to the service when the thread that started it dies without stopping it (a
+# killed test run), then execs the service. A launcher, as preexec_fn is unsafe in a threaded parent.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except OSError:
+        pass
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+@dataclass
+class Child:
+    """A service this process started: its record, and the ``Popen`` that reaps it."""
+
+    service: Service
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float) -> int | None:
+        """Stop its process group (see ``stop_process``); its exit status."""
+        stop_process(self.popen, grace)
+        return self.popen.returncode
+
+
+def _spawn(
+    name: str, cmd: list[str], env: Mapping[str, str], log_path: Path, port: int, url: str, *, detached: bool
+) -> Child:
+    """Start ``cmd`` in a process group of its own (so that stopping it reaches its children), logging
+    to ``log_path``; ``detached``: it outlives this process, else it dies with the calling thread."""
     log: IO[bytes]
     with log_path.open("ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            cmd,
+            cmd if detached else [sys.executable, "-c", _LAUNCHER, *cmd],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=dict(env),
             cwd=log_path.parent,
-            start_new_session=True,  # its own process group, and it outlives `stack up`
+            start_new_session=True,
         )
     start_time = _proc_start_time(proc.pid) or 0
-    return Service(name, proc.pid, start_time, port, url, str(log_path), cmd)
+    return Child(Service(name, proc.pid, start_time, port, url, str(log_path), cmd), proc)
 
 
 def _tail(path: str, lines: int = 30) -> str:
@@ -198,25 +256,30 @@ def _tail(path: str, lines: int = 30) -> str:
         return ""
 
 
-def _wait_http(
-    service: Service, path: str, timeout: float, *, accept: Callable[[int], bool] | None = None
-) -> None:
-    accept = accept or (lambda status: status == 200)
+def _wait_started(child: Child, path: str, timeout: float) -> None:
+    """Wait until ``path`` answers 200; if it does not in time, or the child exits, stop it and raise."""
+    try:
+        _wait_http(child, path, timeout)
+    except BaseException:
+        child.stop(0)
+        raise
+
+
+def _wait_http(child: Child, path: str, timeout: float) -> None:
+    service = child.service
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        if not is_running(service):
+        if not child.running:
             raise StackError(
                 f"{service.name} exited while starting; its log ({service.log}) ends:\n{_tail(service.log)}"
             )
         try:
             with urllib.request.urlopen(f"{service.url}{path}", timeout=2) as resp:
-                if accept(resp.status):
+                if resp.status == 200:
                     return
                 last = f"HTTP {resp.status}"
         except urllib.error.HTTPError as exc:
-            if accept(exc.code):
-                return
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
@@ -226,25 +289,61 @@ def _wait_http(
     )
 
 
+def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _reachable(kill: Callable[[int, int], None], target: int) -> bool:
+    """Whether signal 0 reaches ``target``: a process with ``os.kill``, a process group with ``os.killpg``."""
+    try:
+        kill(target, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    return _reachable(os.kill, pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    return _reachable(os.killpg, pgid)
+
+
+def _stop_group(pgid: int, alive: Callable[[], bool], grace: float) -> None:
+    """SIGTERM the process group led by ``pgid``; SIGKILL it if its leader is not gone after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _KILL_WAIT_S)):
+        _killpg(pgid, sig)
+        if _wait_until(lambda: not alive(), wait):
+            break
+    # Children that outlived the leader (uvicorn workers) share its process group.
+    _killpg(pgid, signal.SIGKILL)
+    _wait_until(lambda: not _group_alive(pgid), _KILL_WAIT_S)
+
+
 def stop_service(service: Service, grace: float) -> bool:
-    """SIGTERM the service's process group, SIGKILL after ``grace`` s. False if it was not running."""
+    """Stop a recorded service's process group (see ``_stop_group``). False if it was not running."""
     if not is_running(service):
         return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(service.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and is_running(service):
-        time.sleep(0.1)
-    if is_running(service):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(service.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and is_running(service):
-            time.sleep(0.05)
-    # Children that outlived the leader (uvicorn workers) share its process group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(service.pid, signal.SIGKILL)
+    _stop_group(service.pid, lambda: is_running(service), grace)
     return True
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop the process group that ``proc`` leads (started with ``start_new_session=True``), and reap it."""
+    _stop_group(proc.pid, lambda: proc.poll() is None, grace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,19 +387,40 @@ def ensure_database(admin_url: str, dbname: str) -> bool:
         ) from exc
 
 
-def _create_bucket(endpoint: str, access_key: str, secret_key: str, bucket: str) -> None:
+def drop_database(admin_url: str, dbname: str) -> None:
+    """Terminate every connection to ``dbname`` and drop it; nothing if there is no such database."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        # Keep new connections out while the old ones are terminated.
+        conn.execute("UPDATE pg_database SET datallowconn = false WHERE datname = %s", (dbname,))
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname)))
+
+
+def _s3_client(endpoint: str, access_key: str, secret_key: str) -> Any:
     try:
         import boto3  # type: ignore[import-untyped]
-        from botocore.exceptions import ClientError  # type: ignore[import-untyped]
     except ImportError as exc:
         raise StackError("the stack needs boto3: pip install 'genai-mlflow[stack]'") from exc
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
     )
+
+
+def _create_bucket(endpoint: str, access_key: str, secret_key: str, bucket: str) -> None:
+    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+    client = _s3_client(endpoint, access_key, secret_key)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -317,16 +437,20 @@ def _create_bucket(endpoint: str, access_key: str, secret_key: str, bucket: str)
             time.sleep(0.5)
 
 
+def _no_proxy() -> str:
+    """``NO_PROXY`` with the stack's host added: a proxy set for the internet must not take its calls."""
+    hosts = [h for h in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",") if h]
+    return ",".join(hosts + [h for h in (HOST, "localhost") if h not in hosts])
+
+
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "GENAI_MLFLOW_"))}
-    no_proxy = ",".join(
-        p for p in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "", HOST, "localhost") if p
-    )
+    no_proxy = _no_proxy()
     env.update(NO_PROXY=no_proxy, no_proxy=no_proxy, PYTHONUNBUFFERED="1")
     return env
 
 
-def _start_s3(state_dir: Path, port: int, prefer: str) -> tuple[Service, str, str, str]:
+def _start_s3(state_dir: Path, port: int, prefer: str, *, detached: bool) -> tuple[Child, str, str, str]:
     minio = shutil.which("minio") if prefer in ("auto", "minio") else None
     if prefer == "minio" and minio is None:
         raise StackError("--s3 minio: no `minio` binary on PATH")
@@ -347,18 +471,18 @@ def _start_s3(state_dir: Path, port: int, prefer: str) -> tuple[Service, str, st
             MINIO_ROOT_USER=keys["access_key"], MINIO_ROOT_PASSWORD=keys["secret_key"], MINIO_BROWSER="off"
         )
         cmd = [minio, "server", str(data_dir), "--address", f"{HOST}:{port}", "--quiet"]
-        service = _spawn("s3", cmd, env, state_dir / "minio.log", port, url)
-        _wait_http(service, "/minio/health/ready", 60)
-        return service, "minio", keys["access_key"], keys["secret_key"]
+        child = _spawn("s3", cmd, env, state_dir / "minio.log", port, url, detached=detached)
+        _wait_started(child, "/minio/health/ready", 60)
+        return child, "minio", keys["access_key"], keys["secret_key"]
     moto = _bin("moto_server")
     if moto is None:
         raise StackError(
             "no S3 API: put `minio` on PATH, or pip install 'genai-mlflow[stack]' for moto_server"
         )
     cmd = [moto, "-H", HOST, "-p", str(port)]
-    service = _spawn("s3", cmd, env, state_dir / "moto.log", port, url)
-    _wait_http(service, "/moto-api/", 60)
-    return service, "moto", "genai-mlflow", "genai-mlflow"
+    child = _spawn("s3", cmd, env, state_dir / "moto.log", port, url, detached=detached)
+    _wait_started(child, "/moto-api/", 60)
+    return child, "moto", "genai-mlflow", "genai-mlflow"
 
 
 def _mlflow_env(state: StackState) -> dict[str, str]:
@@ -384,81 +508,236 @@ def _collector_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# commands
+# the stack, as a library
 
 
-def up(
+def start_collector(
+    tracking_uri: str,
     *,
-    state_dir: Path,
-    pg_url: str,
-    database: str = DEFAULT_DATABASE,
-    bucket: str = DEFAULT_BUCKET,
-    mlflow_port: int = 5000,
-    s3_port: int = 9000,
-    collector_port: int = 4318,
-    workers: int = 2,
-    s3: str = "auto",
-    collector: str = "auto",
-    collector_token: str | None = None,
-    out: IO[str] = sys.stdout,
-) -> StackState:
-    """Start the stack and return its state; raises StackError (after stopping what it started)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_path = state_dir / STATE_FILE
-    if state_path.exists():
-        previous = StackState.load(state_path)
-        alive = [s.name for s in previous.services.values() if is_running(s)]
-        if alive:
-            raise StackError(
-                f"a stack is already running from {state_dir} ({', '.join(alive)}); "
-                "`genai-mlflow stack down` first, or pass another --state-dir"
+    spool_dir: Path,
+    log_path: Path,
+    port: int = 0,
+    token: str | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    detached: bool = False,
+    timeout: float = 60.0,
+) -> Child:
+    """``genai-mlflow collector`` writing to ``tracking_uri``, once ``/healthz`` answers.
+
+    ``port`` 0 picks a free one; ``args`` are more ``collector`` options, ``env`` more environment;
+    ``detached`` as for ``_spawn``.
+    """
+    port = _pick_port(port, "the collector")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    child_env = _base_env()
+    child_env.update(MLFLOW_TRACKING_URI=tracking_uri, GENAI_MLFLOW_SPOOL_DIR=str(spool_dir))
+    if token:
+        child_env["GENAI_MLFLOW_COLLECTOR_TOKEN"] = token  # not on the command line, where ps shows it
+    child_env.update(env or {})
+    cmd = [sys.executable, "-m", "genai_mlflow.cli", "collector", "--port", str(port), *args]
+    url = f"http://{HOST}:{port}"
+    child = _spawn("collector", cmd, child_env, log_path, port, url, detached=detached)
+    _wait_started(child, "/healthz", timeout)
+    return child
+
+
+class LocalStack:
+    """The stack's processes, started and stopped by this process; ``start()``, then ``stop()``, or
+    ``with LocalStack(...) as stack:``, which also drops the database at exit if it created it.
+
+    ``detached`` (``stack up``): the processes outlive this one, and ``down`` stops them from their
+    records. Otherwise they die with the thread that started them. Ports 0 pick free ones.
+    ``server_args`` and ``server_env`` go to ``mlflow server`` (e.g. ``--app-name basic-auth``).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        pg_url: str | None = None,
+        database: str = DEFAULT_DATABASE,
+        bucket: str = DEFAULT_BUCKET,
+        mlflow_port: int = 0,
+        s3_port: int = 0,
+        collector_port: int = 0,
+        workers: int = 2,
+        s3: str = "auto",
+        collector: str = "off",
+        collector_token: str | None = None,
+        server_args: Sequence[str] = (),
+        server_env: Mapping[str, str] | None = None,
+        detached: bool = False,
+        startup_timeout: float = 180.0,
+    ) -> None:
+        self.state_dir = state_dir
+        self.pg_url = pg_url or default_pg_url()
+        self.database = database
+        self.bucket = bucket
+        self._ports = {"mlflow": mlflow_port, "s3": s3_port, "collector": collector_port}
+        self._workers = workers
+        self._s3 = s3
+        self._collector = collector
+        self._collector_token = collector_token
+        self._server_args = list(server_args)
+        self._server_env = dict(server_env or {})
+        self._detached = detached
+        self._startup_timeout = startup_timeout
+        self._children: dict[str, Child] = {}
+        self._state: StackState | None = None
+        self._created_database = False
+
+    # --- what clients need -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> StackState:
+        if self._state is None:
+            raise StackError("the stack has not been started")
+        return self._state
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.state.mlflow_url
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.state.s3_endpoint
+
+    @property
+    def collector_url(self) -> str | None:
+        return self.state.collector_url
+
+    @property
+    def db_url(self) -> str:
+        """MLflow's database in libpq form, which ``psycopg.connect()`` takes."""
+        return _libpq_with_db(self.pg_url, self.database)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a client of the stack (``StackState.client_env``)."""
+        return self.state.client_env()
+
+    def client(self) -> mlflow.MlflowClient:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for the stack's bucket."""
+        state = self.state
+        return _s3_client(state.s3_endpoint, state.s3_access_key, state.s3_secret_key)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, out: IO[str] | None = None) -> StackState:
+        """Start everything, saying what to ``out``; raises StackError after stopping what it started."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.state_dir / STATE_FILE
+        if state_path.exists():
+            previous = StackState.load(state_path)
+            alive = [s.name for s in previous.services.values() if is_running(s)]
+            if alive:
+                raise StackError(
+                    f"a stack is already running from {self.state_dir} ({', '.join(alive)}); "
+                    "`genai-mlflow stack down` first, or pass another --state-dir"
+                )
+            state_path.unlink()
+
+        mlflow_port = _pick_port(self._ports["mlflow"], "MLflow")
+        s3_port = _pick_port(self._ports["s3"], "S3")
+        want_collector = self._collector == "on" or (self._collector == "auto" and _collector_available())
+        if self._collector == "on" and not _collector_available():
+            raise StackError("--collector on, but this genai-mlflow has no `collector` command yet")
+        collector_port = _pick_port(self._ports["collector"], "the collector") if want_collector else 0
+
+        self._created_database = ensure_database(self.pg_url, self.database)
+        _say(out, f"PostgreSQL  {_redact(self.db_url)} ({'created' if self._created_database else 'exists'})")
+        try:
+            s3_child, s3_kind, access_key, secret_key = _start_s3(
+                self.state_dir, s3_port, self._s3, detached=self._detached
             )
-        state_path.unlink()
+            self._children["s3"] = s3_child
+            _create_bucket(s3_child.url, access_key, secret_key, self.bucket)
+            _say(out, f"S3 ({s3_kind}){' ' * (7 - len(s3_kind))}{s3_child.url}  bucket {self.bucket}")
+            self._state = StackState(
+                state_dir=str(self.state_dir),
+                database_url=_redact(self.db_url),
+                database=self.database,
+                bucket=self.bucket,
+                s3_kind=s3_kind,
+                s3_endpoint=s3_child.url,
+                s3_access_key=access_key,
+                s3_secret_key=secret_key,
+                mlflow_url=f"http://{HOST}:{mlflow_port}",
+                collector_url=None,
+                started_at=time.time(),
+            )
+            self._save()
+            self._migrate()
+            self.start_mlflow()
+            _say(out, f"MLflow      {self.tracking_uri}")
+            if want_collector:
+                child = start_collector(
+                    self.tracking_uri,
+                    spool_dir=self.state_dir / "collector-spool",
+                    log_path=self.state_dir / "collector.log",
+                    port=collector_port,
+                    token=self._collector_token,
+                    detached=self._detached,
+                )
+                self._children["collector"] = child
+                self.state.collector_url = child.url
+                self._save()
+                _say(out, f"collector   {child.url}/v1/traces")
+            elif self._collector == "off":
+                _say(out, "collector   off")
+            else:
+                _say(out, "collector   not started (this genai-mlflow has no `collector` command)")
+        except BaseException:
+            self.stop()
+            raise
+        return self.state
 
-    mlflow_port = _pick_port(mlflow_port, "MLflow")
-    s3_port = _pick_port(s3_port, "S3")
-    want_collector = collector == "on" or (collector == "auto" and _collector_available())
-    if collector == "on" and not _collector_available():
-        raise StackError("--collector on, but this genai-mlflow has no `collector` command yet")
-    if want_collector:
-        collector_port = _pick_port(collector_port, "the collector")
+    def stop(self) -> None:
+        """Stop every process this stack started (the collector first, so it drains) and forget them."""
+        for name in _STOP_ORDER:
+            child = self._children.pop(name, None)
+            if child is not None:
+                child.stop(_STOP_GRACE[name])
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / STATE_FILE).unlink()
 
-    created = ensure_database(pg_url, database)
-    print(
-        f"PostgreSQL  {_redact(_libpq_with_db(pg_url, database))} ({'created' if created else 'exists'})",
-        file=out,
-    )
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self._drop_created_database()
+            raise
+        return self
 
-    started: list[Service] = []
-    try:
-        s3_service, s3_kind, access_key, secret_key = _start_s3(state_dir, s3_port, s3)
-        started.append(s3_service)
-        _create_bucket(s3_service.url, access_key, secret_key, bucket)
-        print(f"S3 ({s3_kind}){' ' * (7 - len(s3_kind))}{s3_service.url}  bucket {bucket}", file=out)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self._drop_created_database()
 
-        state = StackState(
-            state_dir=str(state_dir),
-            database_url=_redact(_libpq_with_db(pg_url, database)),
-            database=database,
-            bucket=bucket,
-            s3_kind=s3_kind,
-            s3_endpoint=s3_service.url,
-            s3_access_key=access_key,
-            s3_secret_key=secret_key,
-            mlflow_url=f"http://{HOST}:{mlflow_port}",
-            collector_url=None,
-            services={"s3": s3_service},
-            started_at=time.time(),
-        )
-        state.save(state_path)
+    def _drop_created_database(self) -> None:
+        if self._created_database:
+            drop_database(self.pg_url, self.database)
+            self._created_database = False
 
-        backend_uri = _libpq_with_db(pg_url, database).replace("postgresql://", "postgresql+psycopg://", 1)
-        mlflow_bin = _bin("mlflow") or "mlflow"
-        env = _mlflow_env(state)
-        # The chart's `migrate` step: bring the schema to this MLflow's head before serving.
+    def _save(self) -> None:
+        state = self.state
+        state.services = {name: child.service for name, child in self._children.items()}
+        state.save(self.state_dir / STATE_FILE)
+
+    def _migrate(self) -> None:
+        """The chart's ``migrate`` step: the schema at this MLflow's head before the server starts."""
         migrate = subprocess.run(
-            [mlflow_bin, "db", "upgrade", backend_uri],
-            env=env,
+            [_bin("mlflow") or "mlflow", "db", "upgrade", self._backend_store_uri()],
+            env=_mlflow_env(self.state),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -466,54 +745,83 @@ def up(
         )
         if migrate.returncode != 0:
             raise StackError(f"mlflow db upgrade failed:\n{migrate.stderr[-3000:]}")
+
+    def _backend_store_uri(self) -> str:
+        return self.db_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    # --- MLflow outages --------------------------------------------------------------------------
+
+    @property
+    def mlflow_process(self) -> subprocess.Popen[bytes] | None:
+        """The MLflow server's process (the leader of its process group), while it runs."""
+        child = self._children.get("mlflow")
+        return child.popen if child is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the MLflow server runs (``stop_mlflow`` stops it alone)."""
+        child = self._children.get("mlflow")
+        return child is not None and child.running
+
+    def start_mlflow(self) -> None:
+        """Start the MLflow server (on its port, on its database) and wait until ``/health`` answers."""
+        if self.running:
+            return
+        port = int(self.tracking_uri.rsplit(":", 1)[1])
+        if _port_in_use(port):
+            raise StackError(f"port {port} is taken; cannot (re)start MLflow on it")
         cmd = [
-            mlflow_bin, "server",
+            _bin("mlflow") or "mlflow", "server",
             "--host", HOST,
-            "--port", str(mlflow_port),
-            "--workers", str(workers),
-            "--backend-store-uri", backend_uri,
+            "--port", str(port),
+            "--workers", str(self._workers),
+            "--backend-store-uri", self._backend_store_uri(),
             "--serve-artifacts",
-            "--artifacts-destination", f"s3://{bucket}/artifacts",
+            "--artifacts-destination", f"s3://{self.bucket}/artifacts",
+            *self._server_args,
         ]  # fmt: skip
-        mlflow_service = _spawn("mlflow", cmd, env, state_dir / "mlflow.log", mlflow_port, state.mlflow_url)
-        started.append(mlflow_service)
-        state.services["mlflow"] = mlflow_service
-        state.save(state_path)
-        _wait_http(mlflow_service, "/health", 180)
-        print(f"MLflow      {state.mlflow_url}", file=out)
+        env = {**_mlflow_env(self.state), **self._server_env}
+        log_path = self.state_dir / "mlflow.log"
+        child = _spawn("mlflow", cmd, env, log_path, port, self.tracking_uri, detached=self._detached)
+        self._children["mlflow"] = child
+        self._save()
+        _wait_started(child, "/health", self._startup_timeout)
 
-        if want_collector:
-            collector_env = _base_env()
-            collector_env.update(
-                MLFLOW_TRACKING_URI=state.mlflow_url,
-                GENAI_MLFLOW_SPOOL_DIR=str(state_dir / "collector-spool"),
-            )
-            if collector_token:
-                collector_env["GENAI_MLFLOW_COLLECTOR_TOKEN"] = collector_token
-            url = f"http://{HOST}:{collector_port}"
-            cmd = [sys.executable, "-m", "genai_mlflow.cli", "collector", "--port", str(collector_port)]
-            collector_service = _spawn(
-                "collector", cmd, collector_env, state_dir / "collector.log", collector_port, url
-            )
-            started.append(collector_service)
-            state.services["collector"] = collector_service
-            state.collector_url = url
-            state.save(state_path)
-            _wait_http(collector_service, "/healthz", 60)
-            print(f"collector   {url}/v1/traces", file=out)
-        else:
-            print("collector   not started (this genai-mlflow has no `collector` command)", file=out)
-    except BaseException:
-        for service in reversed(started):
-            stop_service(service, _STOP_GRACE.get(service.name, 5.0))
-        with contextlib.suppress(FileNotFoundError):
-            state_path.unlink()
-        raise
+    def stop_mlflow(self, *, grace: float = _STOP_GRACE["mlflow"]) -> None:
+        """Stop the MLflow server alone (SIGKILL after ``grace`` s; 0 for an abrupt outage) until
+        ``start_mlflow()``; S3, the collector and the database keep running."""
+        child = self._children.pop("mlflow", None)
+        if child is None:
+            return
+        child.stop(grace)
+        _wait_until(lambda: not _port_in_use(child.service.port), _KILL_WAIT_S)
 
+    @contextlib.contextmanager
+    def outage(self, *, grace: float = _STOP_GRACE["mlflow"]) -> Iterator[None]:
+        """MLflow stopped for the ``with`` body, and started again afterwards, even on error."""
+        self.stop_mlflow(grace=grace)
+        try:
+            yield
+        finally:
+            self.start_mlflow()
+
+
+def _say(out: IO[str] | None, text: str) -> None:
+    if out is not None:
+        print(text, file=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def up(local: LocalStack, out: IO[str] = sys.stdout) -> StackState:
+    """Start a detached stack, and print how to use it."""
+    state = local.start(out)
     print("\nUse it:", file=out)
     for key, value in state.client_env().items():
         print(f"  export {key}={value}", file=out)
-    print(f"\nLogs and state in {state_dir}; stop with `genai-mlflow stack down`.", file=out)
+    print(f"\nLogs and state in {local.state_dir}; stop with `genai-mlflow stack down`.", file=out)
     return state
 
 
@@ -568,7 +876,7 @@ def add_parser(commands: Any) -> None:
     )
     stack.add_argument(
         "--pg-url",
-        default=os.environ.get(ENV_PG_URL, DEFAULT_PG_URL),
+        default=default_pg_url(),
         help=f"an existing PostgreSQL server, as an admin URL (default: {ENV_PG_URL}, else {DEFAULT_PG_URL})",
     )
     stack.add_argument("--database", default=DEFAULT_DATABASE, help="MLflow's database, created when missing")
@@ -588,8 +896,8 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     state_dir: Path = args.state_dir or default_state_dir()
     try:
         if args.action == "up":
-            up(
-                state_dir=state_dir,
+            local = LocalStack(
+                state_dir,
                 pg_url=args.pg_url,
                 database=args.database,
                 bucket=args.bucket,
@@ -600,8 +908,9 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
                 s3=args.s3,
                 collector=args.collector,
                 collector_token=args.collector_token,
-                out=out,
+                detached=True,
             )
+            up(local, out)
             return 0
         if args.action == "down":
             down(state_dir=state_dir, out=out)

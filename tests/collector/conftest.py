@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +12,8 @@ import mlflow
 import pytest
 import requests
 
-from tests.mlflow_stack import MlflowStack, free_port
+from genai_mlflow import stack
+from tests.mlflow_stack import MlflowStack
 from tests.stack_fixtures import mlflow_env, mlflow_server
 
 __all__ = ["mlflow_env", "mlflow_server"]  # the stack's fixtures, for every test in this folder
@@ -28,11 +25,12 @@ STARTUP_TIMEOUT_S = 60.0
 
 @dataclass
 class CollectorProcess:
-    url: str
-    proc: subprocess.Popen[bytes]
-    spool_dir: Path
-    log_path: Path
+    child: stack.Child
     token: str | None = TOKEN
+
+    @property
+    def url(self) -> str:
+        return self.child.url
 
     def headers(self, content_type: str = "application/x-protobuf", **extra: str) -> dict[str, str]:
         headers = {"Content-Type": content_type, **extra}
@@ -60,57 +58,36 @@ class CollectorProcess:
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None and self.get("/healthz").status_code == 200
+        return self.child.running and self.get("/healthz").status_code == 200
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        log_path = Path(self.child.service.log)
+        return log_path.read_text(errors="replace") if log_path.exists() else ""
 
 
 def start_collector(
-    stack: MlflowStack,
+    mlflow_stack: MlflowStack,
     workdir: Path,
     *args: str,
     token: str | None = TOKEN,
     env: dict[str, str] | None = None,
 ) -> CollectorProcess:
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    spool_dir = workdir / "spool"
-    log_path = workdir / "collector.log"
-    command = [
-        sys.executable, "-m", "genai_mlflow.cli", "--tracking-uri", stack.tracking_uri, "collector",
-        "--host", "127.0.0.1", "--port", str(port), "--spool-dir", str(spool_dir),
-        "--max-body-bytes", str(MAX_BODY_BYTES), *args,
-    ]  # fmt: skip
-    if token:
-        command += ["--token", token]
-    process_env = {**os.environ, **stack.env, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env)
-    collector = CollectorProcess(f"http://127.0.0.1:{port}", proc, spool_dir, log_path, token)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the collector exited with {proc.returncode}:\n{collector.log()}")
-        try:
-            if collector.get("/healthz").status_code == 200:
-                return collector
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    stop_collector(collector)
-    raise RuntimeError(f"the collector did not start in {STARTUP_TIMEOUT_S} s:\n{collector.log()}")
+    """``genai-mlflow collector`` (the stack's own launcher) on 127.0.0.1, a 1 MiB body limit and ``args``."""
+    child = stack.start_collector(
+        mlflow_stack.tracking_uri,
+        spool_dir=workdir / "spool",
+        log_path=workdir / "collector.log",
+        token=token,
+        args=["--host", "127.0.0.1", "--max-body-bytes", str(MAX_BODY_BYTES), *args],
+        env={**mlflow_stack.env, **(env or {})},
+        timeout=STARTUP_TIMEOUT_S,
+    )
+    return CollectorProcess(child, token)
 
 
-def stop_collector(collector: CollectorProcess, timeout_s: float = 30.0) -> int:
-    if collector.proc.poll() is None:
-        collector.proc.send_signal(signal.SIGTERM)
-        try:
-            collector.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            collector.proc.kill()
-            collector.proc.wait(5)
-    return collector.proc.returncode
+def stop_collector(collector: CollectorProcess, timeout_s: float = 30.0) -> int | None:
+    """SIGTERM, SIGKILL after ``timeout_s``; its exit status."""
+    return collector.child.stop(timeout_s)
 
 
 @pytest.fixture(scope="session")

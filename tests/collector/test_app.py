@@ -19,6 +19,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 
 from genai_mlflow.collector import CollectorConfig, CollectorServer
 from genai_mlflow.config import Settings
+from genai_mlflow.stack import free_port
 from tests.collector.conftest import (
     MAX_BODY_BYTES,
     CollectorProcess,
@@ -35,7 +36,7 @@ from tests.collector.otlp_data import (
     request_with_raw_value,
     to_otlp_json,
 )
-from tests.mlflow_stack import MlflowStack, free_port
+from tests.mlflow_stack import MlflowStack
 
 
 @pytest.fixture

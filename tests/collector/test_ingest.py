@@ -6,6 +6,7 @@ import os
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 
 from genai_mlflow.collector import otlp
 from genai_mlflow.collector.config import CollectorConfig
@@ -114,6 +115,34 @@ def test_spans_of_traces_without_genai_wait_for_their_genai_span(metrics):
     parts = [t for p in spool.records for t in records.local_traces(ExportTraceServiceRequest.FromString(p))]
     (trace,) = records.merge(parts)
     assert records.is_complete(trace)
+
+
+@pytest.mark.parametrize("remote_parent", [False, True], ids=["root", "remote-parent"])
+def test_a_trace_is_forgotten_once_its_local_root_has_come(metrics, remote_parent):
+    """The gate remembers the traces in flight, not every trace of the last hour: its memory stays
+    flat under load."""
+    spool = FakeSpool()
+    ingestor = _ingestor(spool, metrics)
+    trace_id = os.urandom(16)
+    root = plain_span(trace_id, parent=os.urandom(8) if remote_parent else b"")
+    spans = [llm_span(trace_id, parent=root.span_id), plain_span(trace_id, parent=root.span_id), root]
+    for span in spans:  # as the Python SDK exports them
+        span.flags = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK | 0x01
+    root.flags |= SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK if remote_parent else 0
+    for span in spans:  # the LLM span makes the trace known; its siblings and root follow
+        assert ingestor.ingest(request_of(span).SerializeToString(), otlp.PROTOBUF).written == 1
+    late = plain_span(trace_id, parent=root.span_id)
+    assert ingestor.ingest(request_of(late).SerializeToString(), otlp.PROTOBUF).held == 1
+
+
+def test_a_parent_without_flags_may_be_local_so_the_trace_stays_known(metrics):
+    ingestor = _ingestor(FakeSpool(), metrics)
+    trace_id = os.urandom(16)
+    parent = os.urandom(8)
+    ingestor.ingest(request_of(llm_span(trace_id, parent=parent)).SerializeToString(), otlp.PROTOBUF)
+    ingestor.ingest(request_of(plain_span(trace_id, parent=parent)).SerializeToString(), otlp.PROTOBUF)
+    later = plain_span(trace_id, parent=parent)
+    assert ingestor.ingest(request_of(later).SerializeToString(), otlp.PROTOBUF).written == 1
 
 
 def test_traces_without_genai_are_discarded_after_a_while():

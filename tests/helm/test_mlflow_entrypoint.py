@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from genai_mlflow import stack
 from tests.helm.chart import CHART_DIR
-from tests.mlflow_stack import DEFAULT_PG_ADMIN_URL, PG_ADMIN_URL_ENV, create_database, drop_database
 
 SCRIPT = CHART_DIR / "files" / "mlflow-entrypoint.py"
 
@@ -110,19 +110,19 @@ def test_usage_error_without_a_known_command() -> None:
 
 @pytest.fixture
 def database() -> Any:
-    admin_url = os.environ.get(PG_ADMIN_URL_ENV, DEFAULT_PG_ADMIN_URL)
+    admin_url = stack.default_pg_url()
     try:
         psycopg.connect(admin_url, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at {admin_url}: {exc}")
     name = f"genai_mlflow_helm_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    create_database(admin_url, name)
+    stack.ensure_database(admin_url, name)
     conninfo = psycopg.conninfo.conninfo_to_dict(admin_url)
     try:
         yield name, conninfo
     finally:
-        drop_database(admin_url, name)
-        drop_database(admin_url, f"{name}_auth")
+        stack.drop_database(admin_url, name)
+        stack.drop_database(admin_url, f"{name}_auth")
 
 
 def _db_env(name: str, conninfo: dict[str, Any]) -> dict[str, str]:

@@ -16,9 +16,8 @@ import psycopg
 import pytest
 
 from genai_mlflow import stack
-from tests.mlflow_stack import DEFAULT_PG_ADMIN_URL, PG_ADMIN_URL_ENV, drop_database
 
-ADMIN_URL = os.environ.get(PG_ADMIN_URL_ENV, DEFAULT_PG_ADMIN_URL)
+ADMIN_URL = stack.default_pg_url()
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -60,7 +59,7 @@ def stack_args(tmp_path: Path) -> Iterator[list[str]]:
     finally:
         if (state_dir / stack.STATE_FILE).exists():
             _cli("down", *args)
-        drop_database(ADMIN_URL, database)
+        stack.drop_database(ADMIN_URL, database)
 
 
 def test_stack_up_serves_mlflow_s3_and_the_collector_then_down_stops_them(stack_args: list[str]) -> None:

@@ -38,8 +38,9 @@ from mlflow.entities import Run, Trace
 import genai_mlflow
 from genai_mlflow.exporter.spool import Spool
 from genai_mlflow.setup import Handle
+from genai_mlflow.stack import free_port, stop_process
 from genai_mlflow.testing.openai_server import OpenAIServer
-from tests.mlflow_stack import MlflowStack, free_port, terminate_group
+from tests.mlflow_stack import MlflowStack
 
 TODAY = datetime.now(UTC).strftime("%Y-%m-%d")
 MODEL = "gpt-4o-mini"
@@ -432,7 +433,7 @@ def test_gunicorn_preload_workers_land_every_call_once(
         proc.send_signal(signal.SIGTERM)  # graceful stop: workers exit, then the master
         assert proc.wait(60) == 0, log_path.read_text()
     finally:
-        terminate_group(proc)
+        stop_process(proc, 5.0)
     landed_by_master = len(_runs(mlflow_env.client(), persona_name))
 
     # Whatever the master did not land at exit, a replay does; nothing lands twice.

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 import genai_mlflow
+from genai_mlflow.stack import free_port
 from genai_mlflow.testing.openai_server import OpenAIServer
 from genai_mlflow.tracking import MLflowExperimentTracker, chat_with_tracking, track_llm_call
 from tests.mlflow_stack import MlflowStack
@@ -265,8 +266,6 @@ def test_writer_in_a_process_of_its_own(
 
 
 def test_flush_and_shutdown_honour_their_timeouts(tmp_path: Path, client: openai.OpenAI, persona_name: str):
-    from tests.mlflow_stack import free_port
-
     handle = genai_mlflow.instrument(f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path / "spool"))
     try:
         with genai_mlflow.persona(persona_name):

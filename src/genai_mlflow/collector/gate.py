@@ -4,8 +4,9 @@ A service sends all its spans (web requests, database calls), and a GenAI trace'
 several export requests: the LLM span first (it ends first), its parents later, and sometimes
 siblings that ended before it earlier still. So:
 
-- a trace with a GenAI span in a request becomes *known* (for ``known_ttl_s``); its spans, and the
-  spans of known traces in later requests, are written;
+- a trace with a GenAI span in a request becomes *known*, until its local root has come (the last
+  of its spans to end) or for ``known_ttl_s``; its spans, and the spans of known traces in later
+  requests, are written;
 - the spans of a trace not known yet are *held* in memory, serialised, for up to ``held_ttl_s``:
   written with the trace's first GenAI span, or discarded (``no_genai``) when the time is up.
   Held spans are bounded by ``held_max_bytes``; past it the oldest traces are discarded
@@ -25,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from genai_mlflow.exporter import records
 
 HELD_MAX_BYTES = 32 << 20
 HELD_TTL_S = 300.0  # as long as the writer waits for a trace's local root
@@ -113,6 +116,10 @@ class TraceGate:
                         out.write.extend(held.entries)
                         out.released += len(held.entries)
                     out.write.extend(entries)
+                    if any(isinstance(e.span, Span) and records.is_local_root(e.span) for e in entries):
+                        # Its last span has come. Remembering it for the TTL instead grew memory
+                        # with throughput, by ~150 bytes a trace.
+                        del self._known[trace_id]
                 else:
                     self._hold(trace_id, entries, now)
                     out.held += len(entries)

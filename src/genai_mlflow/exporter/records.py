@@ -268,6 +268,14 @@ def _parent_is_remote_or_none(span: Span) -> bool:
     return True
 
 
+def is_local_root(span: Span) -> bool:
+    """Certainly the local root: no parent, or one its flags call remote. (Without those flags a
+    parent may be local, the root still to come.)"""
+    if not _parent(span):
+        return True
+    return bool(span.flags & _PARENT_REMOTE_KNOWN and span.flags & _PARENT_REMOTE)
+
+
 def _resource_key(resource_attributes: Mapping[str, Any]) -> str:
     return json.dumps(resource_attributes, sort_keys=True, default=_bytes_hex)
 
