@@ -49,6 +49,46 @@ def _auth_fix() -> str:
     )
 
 
+_UNTRUSTED = "cannot verify the TLS certificate of"
+_HANDSHAKE = "TLS handshake failed with"
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """What went wrong in TLS, if that is what failed. MLflow's client re-raises requests' SSLError
+    as a plain MlflowException with the cause in its text, so the text is read as well as the chain."""
+    import ssl
+
+    import requests
+
+    text = str(exc)
+    chain: BaseException | None = exc
+    for _ in range(10):  # exception chains are short; the bound guards against a cycle
+        if chain is None:
+            break
+        if isinstance(chain, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(chain):
+            return _UNTRUSTED
+        if isinstance(chain, ssl.SSLError | requests.exceptions.SSLError):
+            return _HANDSHAKE
+        chain = chain.__cause__ or chain.__context__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return _UNTRUSTED
+    return _HANDSHAKE if "SSLError" in text else None
+
+
+def _tls_fix(problem: str) -> str:
+    if problem == _UNTRUSTED:
+        return (
+            "set MLFLOW_TRACKING_SERVER_CERT_PATH to the PEM file of the CA that signed the server's "
+            "certificate (the certificate itself if it is self-signed); MLFLOW_TRACKING_INSECURE_TLS=true "
+            "skips the check, for testing only"
+        )
+    return (
+        "check that the server serves HTTPS on this port (use http:// if it does not), and its TLS "
+        "set-up; MLFLOW_TRACKING_SERVER_CERT_PATH and MLFLOW_TRACKING_CLIENT_CERT_PATH set the CA "
+        "bundle and a client certificate"
+    )
+
+
 class Doctor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -73,6 +113,9 @@ class Doctor:
                 **kwargs,
             )
         except Exception as exc:
+            tls = _tls_problem(exc)
+            if tls is not None:
+                raise _Failed(f"{tls} {self.uri}: {exc}", _tls_fix(tls)) from exc
             raise _Failed(
                 f"cannot reach {self.uri}: {exc}",
                 "start the MLflow server, or fix MLFLOW_TRACKING_URI (scheme, host and port)",
