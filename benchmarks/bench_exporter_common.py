@@ -297,6 +297,7 @@ class RequestTimings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.samples: dict[str, list[float]] = {}
+        self._spans: dict[str, list[tuple[float, float]]] = {}  # (start, end) of each call
         self._restore: list[tuple[type, str, Any]] = []
 
     def install(self, klass: type, methods: tuple[str, ...], prefix: str = "") -> None:
@@ -307,21 +308,36 @@ class RequestTimings:
 
     def _timed(self, original: Callable[..., Any], label: str) -> Callable[..., Any]:
         samples = self.samples
+        spans = self._spans
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                end = time.perf_counter()
                 with self._lock:
-                    samples.setdefault(label, []).append(elapsed)
+                    samples.setdefault(label, []).append(end - start)
+                    spans.setdefault(label, []).append((start, end))
 
         return timed
 
     def reset(self) -> None:
         with self._lock:
             self.samples.clear()
+            self._spans.clear()
+
+    def most_at_once(self, label: str) -> int:
+        """The most calls of ``label`` in flight at the same time."""
+        with self._lock:
+            edges = sorted(
+                edge for start, end in self._spans.get(label, []) for edge in ((start, 1), (end, -1))
+            )
+        most = now = 0
+        for _, step in edges:  # at a tie, an end (-1) sorts before a start: touching is not overlapping
+            now += step
+            most = max(most, now)
+        return most
 
     def remove(self) -> None:
         for klass, name, original in reversed(self._restore):

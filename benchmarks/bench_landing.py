@@ -86,6 +86,7 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)
     drain_cycles: int = 0
     timings: dict[str, list[float]] = field(default_factory=dict)
+    posts_at_once: int = 0  # the most OTLP requests of the writer in flight together
 
     @property
     def rate(self) -> float:
@@ -174,6 +175,7 @@ def exporter_block(bench: Bench, mode: str, calls: int, *, use_flush: bool) -> R
     total = time.perf_counter() - started
     cpu = meter.stop()
     timings = {k: list(v) for k, v in bench.timings.samples.items()}
+    posts_at_once = bench.timings.most_at_once("post_traces")
     handle.shutdown()
     found = common.landed(bench.stack.db_url, common.experiment_of(persona))
     complete = found.complete_call_mode(calls) if mode == "call" else found.complete_window_mode(calls)
@@ -185,7 +187,7 @@ def exporter_block(bench: Bench, mode: str, calls: int, *, use_flush: bool) -> R
             f"linked traces {found.linked_traces}/{calls}"
         )
     drain_cycles = len(timings.pop("spool.read", []))
-    return Result(calls, app_s, total, ok and complete, check, cpu, drain_cycles, timings)
+    return Result(calls, app_s, total, ok and complete, check, cpu, drain_cycles, timings, posts_at_once)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +497,8 @@ def report(bench: Bench, sizes: Sizes, quick: bool, elapsed: float) -> str:
     lines.append(
         f"\nclient side, per MLflow request: mlflow's http_request resolves its request headers each "
         f"time:\n  {header_resolution_us():.0f} µs CPU per request (failed imports of Databricks "
-        "modules under the import lock), 4 requests per call in mode call"
+        "modules under the import lock), 4 requests per call in mode call; the writer resolves them\n"
+        "  once, on a session of its own (http_request only for credentials it cannot apply itself)"
     )
     return "\n".join(lines)
 
@@ -558,7 +561,8 @@ def where_time_goes(name: str, series: list[Result]) -> str:
         f"{name}: where the writer's time goes (all rounds)\n{common.table(rows)}\n"
         f"  worker pool busy in MLflow requests: {busy / (WRITER_WORKERS * landing):.0%} of "
         f"{WRITER_WORKERS} workers x {landing:.0f} s; drain cycles (spool reads): {cycles} "
-        f"({cycles / landing:.0f}/s)"
+        f"({cycles / landing:.0f}/s); OTLP requests in flight together: at most "
+        f"{max(r.posts_at_once for r in series)}"
     )
 
 

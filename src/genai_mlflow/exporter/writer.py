@@ -10,11 +10,14 @@ the ledger and MLflow's upsert of traces by id make a replay land nothing twice.
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import logging
 import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +43,12 @@ BACKOFF_MAX_S = 60.0
 WINDOW_GRACE_S = 300.0
 MAX_PENDING_TRACES = 20_000  # traces held in memory at most; the rest wait in the spool
 MAX_TRACES_PER_REQUEST = 100  # MLflow links no trace at all past 100 roots in one request
+# Mode window: batches (each at most one full OTLP request per window) landing at once. The server
+# handles requests in parallel; more in flight only queue there and make the batches smaller.
+WINDOW_BATCHES_IN_FLIGHT = 3
+# Mode window: how long a batch short of a full request waits for more traces (unless a flush()
+# waits). Each request costs the server about as much as two more traces in it.
+WINDOW_LINGER_S = 0.5
 _CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next try"
 
 
@@ -129,17 +138,21 @@ class DaemonPool:
             self._tasks.put(None)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     """A trace being assembled from spool records, or waiting for a retry."""
 
     trace: LocalTrace
     records: set[RecordId] = field(default_factory=set)
     replayed: bool = True  # every record it came from was written by a process now gone
-    last_seen: float = field(default_factory=time.monotonic)
+    complete: bool = False  # its local root is here; kept, as finding the root walks every span
+    last_seen: float = 0.0
     attempts: int = 0
     not_before: float = 0.0
     in_flight: bool = False
+    queued: bool = False  # in the writer's ready queue
+    queued_at: float = 0.0
+    due: float | None = None  # when its live entry in the writer's timer heap fires
 
 
 class Writer:
@@ -153,18 +166,35 @@ class Writer:
         workers: int = 8,
         content_bound: int = 16 * 1024,
         app_version: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._spool = spool
         self._gateway = gateway
         self._prices = prices
         self._mode = mode
         self._content_bound = content_bound
+        self._clock = clock
         # Tagged on every run this writer makes.
         self._extra_tags = {sc.GENAI_MLFLOW_APP_VERSION: app_version} if app_version else {}
+        # A REST gateway keeps a connection per worker: none waits for one, none is thrown away.
+        reserve_connections = getattr(gateway, "reserve_connections", None)
+        if reserve_connections is not None:
+            reserve_connections(workers)
         self._pool = DaemonPool(workers)
-        self._breaker = CircuitBreaker()
+        self._breaker = CircuitBreaker(clock=clock)
         self._pending: dict[bytes, _Pending] = {}
         self._record_refs: dict[RecordId, int] = {}
+        # What the dispatcher looks at, so that a wake costs what is due rather than what is pending:
+        # traces that can go now, and (due, sequence, trace id) for those in a backoff or waiting
+        # for their local root. An entry whose due is no longer its trace's ``due`` is stale; it
+        # holds the id only, so that a trace that has landed is not kept in memory until then.
+        self._ready: deque[_Pending] = deque()
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._timer_seq = itertools.count()
+        self._owed: set[bytes] = set()  # trace ids that flush() waits for (see _is_owed)
+        self._given_up: set[bytes] = set()  # trace ids kept in the spool after an error no retry fixes
+        self._window_batches = 0  # mode window: batches in flight
+        self._flushes = 0  # flush() calls waiting: what is ready goes now, in batches full or not
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
@@ -206,19 +236,25 @@ class Writer:
                     return True
                 time.sleep(0.05)
             return False
-        target = self._spool_marker()
-        # Wake the drain thread once: waking it on every pass of this loop made it and the
-        # drain thread (which notifies _idle after each cycle) spin a CPU for the whole flush.
-        self._wake.set()
-        while True:
-            with self._idle:
-                if self._drained(target):
-                    # A trace given up on (e.g. MLflow answered 401) has not landed: say so now.
-                    return not any(p.not_before == float("inf") for p in self._pending.values())
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, 0.1))
+        with self._lock:
+            target = self._reads
+            self._flushes += 1
+        try:
+            # Wake the drain thread once: waking it on every pass of this loop made it and the
+            # drain thread (which notifies _idle after each cycle) spin a CPU for the whole flush.
+            self._wake.set()
+            while True:
+                with self._idle:
+                    if self._drained(target):
+                        # A trace given up on (e.g. MLflow answered 401) has not landed: say so now.
+                        return not self._given_up
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._idle.wait(min(remaining, 0.1))
+        finally:
+            with self._lock:
+                self._flushes -= 1
 
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -236,23 +272,23 @@ class Writer:
 
     # --- draining ----------------------------------------------------------------------------
 
-    def _spool_marker(self) -> int:
-        with self._lock:
-            return self._reads
-
     def _drained(self, target: int) -> bool:
         # Caller holds the lock: a drain cycle began after the flush, and nothing landable is owed.
-        return (
-            self._reads > target + 1
-            and not self._backlog
-            and not any(self._owed(p) for p in self._pending.values())
-        )
+        return self._reads > target + 1 and not self._backlog and not self._owed
 
     @staticmethod
-    def _owed(pending: _Pending) -> bool:
+    def _is_owed(pending: _Pending) -> bool:
         if pending.not_before == float("inf"):  # given up: logged, kept in the spool
             return False
-        return pending.in_flight or pending.replayed or records.is_complete(pending.trace)
+        return pending.in_flight or pending.replayed or pending.complete
+
+    def _note(self, pending: _Pending) -> None:
+        """Keep ``_owed`` in step with a trace whose state changed. Caller holds the lock."""
+        trace_id = pending.trace.trace_id
+        if self._pending.get(trace_id) is pending and self._is_owed(pending):
+            self._owed.add(trace_id)
+        else:
+            self._owed.discard(trace_id)
 
     def _run(self) -> None:
         self._stop.wait(self._standby_s)
@@ -293,7 +329,7 @@ class Writer:
             self._idle.notify_all()
 
     def _ingest(self, batch: list[Record]) -> None:
-        now = time.monotonic()
+        now = self._clock()
         empty: list[RecordId] = []
         with self._lock:
             for record in batch:
@@ -314,35 +350,88 @@ class Writer:
                         pending.trace = records.merge([pending.trace, trace])[0]
                     pending.records.add(record.id)
                     pending.replayed = pending.replayed and record.replayed
+                    pending.complete = records.is_complete(pending.trace)
                     pending.last_seen = now
                     self._record_refs[record.id] = self._record_refs.get(record.id, 0) + 1
+                    self._schedule(pending, now)
+                    self._note(pending)
         if empty:
             self._spool.commit(empty)
 
-    def _ready(self, pending: _Pending, now: float) -> bool:
-        if pending.in_flight or now < pending.not_before:
-            return False
-        if records.is_complete(pending.trace) or pending.replayed:
-            return True
-        return now - pending.last_seen > ORPHAN_AFTER_S
+    def _schedule(self, pending: _Pending, now: float) -> None:
+        """Queue a trace that can go now; else give it a timer for when it may (the end of its
+        backoff, or when it counts as an orphan). Caller holds the lock."""
+        if pending.in_flight or pending.queued or pending.not_before == float("inf"):
+            return
+        if now < pending.not_before:
+            due = pending.not_before
+        elif pending.complete or pending.replayed:
+            due = now
+        else:
+            due = pending.last_seen + ORPHAN_AFTER_S
+        if due <= now:
+            pending.queued = True
+            pending.queued_at = now
+            pending.due = None  # any entry it has in the heap is stale now
+            self._ready.append(pending)
+        elif pending.due is None or due < pending.due:
+            # A later due (new spans moved last_seen on) waits: its earlier entry reschedules it.
+            pending.due = due
+            heapq.heappush(self._timers, (due, next(self._timer_seq), pending.trace.trace_id))
+
+    def _fire_timers(self, now: float) -> None:
+        # Caller holds the lock.
+        while self._timers and self._timers[0][0] <= now:
+            due, _, trace_id = heapq.heappop(self._timers)
+            pending = self._pending.get(trace_id)
+            if pending is None or pending.due != due:
+                continue  # stale: it was queued, rescheduled earlier, or has landed
+            pending.due = None
+            self._schedule(pending, now)
+
+    def _take(self, limit: int) -> list[_Pending]:
+        """Up to ``limit`` traces off the ready queue, marked in flight. Caller holds the lock."""
+        taken: list[_Pending] = []
+        while self._ready and len(taken) < limit:
+            pending = self._ready.popleft()
+            pending.queued = False
+            pending.in_flight = True
+            self._note(pending)
+            taken.append(pending)
+        return taken
 
     def _dispatch(self) -> None:
         if not self._breaker.allow():
             return
-        now = time.monotonic()
+        batches: list[list[_Pending]] = []
+        ready: list[_Pending] = []
         with self._lock:
-            ready = [p for p in self._pending.values() if self._ready(p, now)]
-            for pending in ready:
-                pending.in_flight = True
+            now = self._clock()
+            self._fire_timers(now)
+            if self._mode == "window":
+                # Each window's calls become one log_batch and few trace requests per batch; a few
+                # batches land at once, their steps and sums reserved in order (see _Windows).
+                while (
+                    self._ready
+                    and self._window_batches < WINDOW_BATCHES_IN_FLIGHT
+                    and (
+                        len(self._ready) >= MAX_TRACES_PER_REQUEST
+                        or self._flushes
+                        or now - self._ready[0].queued_at >= WINDOW_LINGER_S
+                    )
+                ):
+                    batches.append(self._take(MAX_TRACES_PER_REQUEST))
+                    self._window_batches += 1
+            else:
+                ready = self._take(len(self._ready))
         if self._mode == "window":
-            # One batch for all: each window's calls become one log_batch and few trace requests.
-            if ready:
-                future = self._pool.submit(self._land_window, ready)
-                future.add_done_callback(functools.partial(self._landed_all, ready))
+            for batch in batches:
+                future = self._pool.submit(self._land_window, batch)
+                future.add_done_callback(functools.partial(self._landed_window, batch))
             return
         for pending in ready:
             future = self._pool.submit(self._land_call, pending)
-            future.add_done_callback(functools.partial(self._landed, pending))
+            future.add_done_callback(functools.partial(self._landed, [pending]))
 
     def _land_call(self, pending: _Pending) -> None:
         if not self._breaker.allow():
@@ -354,53 +443,74 @@ class Writer:
             raise GatewayError(_CIRCUIT_OPEN)
         self._windows.write([p.trace for p in batch], self._prices, self._content_bound)
 
-    def _landed_all(self, batch: list[_Pending], future: Future[None]) -> None:
-        for pending in batch:
-            self._landed(pending, future)
+    def _landed_window(self, batch: list[_Pending], future: Future[None]) -> None:
+        with self._lock:
+            self._window_batches -= 1
+        self._landed(batch, future)
 
-    def _landed(self, pending: _Pending, future: Future[None]) -> None:
+    def _landed(self, batch: list[_Pending], future: Future[None]) -> None:
+        now = self._clock()
         if future.cancelled():  # shutdown() cancelled it before it ran: it stays in the spool
             with self._lock:
-                pending.in_flight = False
+                for pending in batch:
+                    pending.in_flight = False
+                    self._schedule(pending, now)
+                    self._note(pending)
             return
         error = future.exception()
         done: list[RecordId] = []
         with self._lock:
-            pending.in_flight = False
-            if error is None:
-                self._pending.pop(pending.trace.trace_id, None)
-                for record_id in pending.records:
-                    left = self._record_refs.get(record_id, 1) - 1
-                    if left <= 0:
-                        self._record_refs.pop(record_id, None)
-                        done.append(record_id)
-                    else:
-                        self._record_refs[record_id] = left
-            else:
-                pending.attempts += 1
-                pending.not_before = time.monotonic() + backoff(pending.attempts)
+            for pending in batch:
+                pending.in_flight = False
+                if error is None:
+                    self._pending.pop(pending.trace.trace_id, None)
+                    self._note(pending)
+                    self.landed += 1
+                    for record_id in pending.records:
+                        left = self._record_refs.get(record_id, 1) - 1
+                        if left <= 0:
+                            self._record_refs.pop(record_id, None)
+                            done.append(record_id)
+                        else:
+                            self._record_refs[record_id] = left
+                    continue
+                if isinstance(error, GatewayError) and not error.retryable:
+                    self.failed += 1
+                    pending.not_before = float("inf")  # kept in the spool for `genai-mlflow spool replay`
+                    self._given_up.add(pending.trace.trace_id)
+                else:
+                    pending.attempts += 1
+                    pending.not_before = now + backoff(pending.attempts)
+                self._schedule(pending, now)
+                self._note(pending)
+            # Wake the drain thread only when it has something to do: a window batch's place is
+            # free for what waits, or a flush() may wait for one more drain cycle.
+            wake = bool(self._ready) or not self._owed
+            if not self._owed:
+                self._idle.notify_all()
         if error is None:
-            self.landed += 1
             if self._breaker.success():
                 # MLflow is back: what waited out the outage goes now, not after its own backoff.
                 with self._lock:
                     for waiting in self._pending.values():
                         if waiting.not_before != float("inf"):
                             waiting.not_before = 0.0
+                            self._schedule(waiting, now)
+                wake = True
             self._spool.commit(done)
         elif isinstance(error, GatewayError) and not error.retryable:
-            self.failed += 1
-            logger.error(
-                "genai-mlflow could not land trace %s and will not retry: %s",
-                pending.trace.trace_id.hex(),
-                error,
-            )
-            with self._lock:
-                pending.not_before = float("inf")  # kept in the spool for `genai-mlflow spool replay`
+            for pending in batch:
+                logger.error(
+                    "genai-mlflow could not land trace %s and will not retry: %s",
+                    pending.trace.trace_id.hex(),
+                    error,
+                )
         elif not (isinstance(error, GatewayError) and str(error) == _CIRCUIT_OPEN):
-            self._breaker.failure(error)  # type: ignore[arg-type]
-            logger.debug("genai-mlflow will retry trace %s: %s", pending.trace.trace_id.hex(), error)
-        self._wake.set()
+            self._breaker.failure(error)  # type: ignore[arg-type]  # one failed request, whatever its size
+            for pending in batch:
+                logger.debug("genai-mlflow will retry trace %s: %s", pending.trace.trace_id.hex(), error)
+        if wake:
+            self._wake.set()
 
 
 RUN_STATE_CREATED = "created"
@@ -443,31 +553,89 @@ def land_call(
     spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_DONE}")
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One LLM call's place in its window, fixed the first time its trace is written: a retry logs
+    the very same metric rows (MLflow keeps one of identical rows), and no other call's step or sum
+    moves."""
+
+    experiment_id: str
+    run_id: str
+    step: int
+    rows: tuple[tuple[str, float, int, int], ...]  # the call's own metrics, at its step
+    sums: tuple[tuple[str, float, int, int], ...]  # the window's totals with this call, at step + 1
+
+
 class _Windows:
-    """Mode ``window``: hourly runs per persona and model (per writer); calls become metric steps."""
+    """Mode ``window``: hourly runs per persona and model (per writer); calls become metric steps.
+
+    Several batches land at once. Only handing out steps and running sums, in order, holds the lock
+    (and making a window's run, once an hour); the requests go out without it. The ``*_sum``
+    value MLflow shows is the one at the highest step, so it is exact whatever order batches land in.
+    """
 
     def __init__(self, gateway: Gateway, spool: Spool, extra_tags: dict[str, str]) -> None:
         self._gateway = gateway
         self._spool = spool
         self._extra_tags = extra_tags
-        self._lock = threading.Lock()  # one batch at a time: steps and sums are per window
+        self._lock = threading.Lock()
         self._runs: dict[str, tuple[str, str]] = {}  # key -> (experiment id, run id)
         self._steps: dict[str, int] = {}
         self._sums: dict[str, dict[str, float]] = {}
+        self._reserved: dict[bytes, list[_Step]] = {}  # trace id -> its calls' steps, until it lands
 
     def write(self, traces: list[LocalTrace], prices: PriceTable, content_bound: int) -> None:
+        fresh = [t for t in traces if self._spool.ledger_get("trace:" + t.trace_id.hex()) is None]
+        steps = self._reserve(fresh, prices)
+        by_run: dict[str, tuple[str, dict[bytes, LocalTrace], list[_Step]]] = {}
+        for trace in fresh:
+            for step in steps[trace.trace_id]:
+                _, run_traces, run_steps = by_run.setdefault(step.run_id, (step.experiment_id, {}, []))
+                run_traces[trace.trace_id] = trace
+                run_steps.append(step)
+        for run_id, (experiment_id, run_traces, run_steps) in by_run.items():
+            self._land(experiment_id, run_id, list(run_traces.values()), run_steps, prices, content_bound)
+        for trace in fresh:
+            self._spool.ledger_put("trace:" + trace.trace_id.hex(), RUN_STATE_DONE)
         with self._lock:
-            fresh = [t for t in traces if self._spool.ledger_get("trace:" + t.trace_id.hex()) is None]
-            by_key: dict[str, list[tuple[WindowPoint, LocalTrace]]] = {}
             for trace in fresh:
-                for point in records.window_points(trace, prices):
-                    by_key.setdefault(point.key, []).append((point, trace))
-            for items in by_key.values():
-                self._write_window(items, prices, content_bound)
-            for trace in fresh:
-                self._spool.ledger_put("trace:" + trace.trace_id.hex(), RUN_STATE_DONE)
+                self._reserved.pop(trace.trace_id, None)
+
+    def _reserve(self, traces: list[LocalTrace], prices: PriceTable) -> dict[bytes, list[_Step]]:
+        """Each trace's steps: those it was given before, else the next ones of its windows."""
+        points = {t.trace_id: records.window_points(t, prices) for t in traces}
+        with self._lock:
+            for trace in traces:
+                if trace.trace_id in self._reserved:
+                    continue
+                trace_points = points[trace.trace_id]
+                # Every run first: if making one fails, this trace has been handed nothing.
+                runs = [self._run_for(point) for point in trace_points]
+                self._reserved[trace.trace_id] = [
+                    self._next_step(point, run) for point, run in zip(trace_points, runs, strict=True)
+                ]
+            return {t.trace_id: self._reserved[t.trace_id] for t in traces}
+
+    def _next_step(self, point: WindowPoint, run: tuple[str, str]) -> _Step:
+        # Caller holds the lock.
+        step = self._steps.get(point.key, 0)
+        sums = self._sums.setdefault(point.key, {})
+        for name, value in point.metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+        self._steps[point.key] = step + 1
+        ts = point.timestamp_ms
+        totals = [(f"{name}_sum", total, ts, step + 1) for name, total in sums.items()]
+        totals.append(("llm_calls_sum", float(step + 1), ts, step + 1))
+        return _Step(
+            experiment_id=run[0],
+            run_id=run[1],
+            step=step,
+            rows=tuple((name, value, ts, step) for name, value in point.metrics.items()),
+            sums=tuple(totals),
+        )
 
     def _run_for(self, point: WindowPoint) -> tuple[str, str]:
+        # Caller holds the lock, so that a window gets one run.
         known = self._runs.get(point.key)
         if known is not None:
             return known
@@ -489,27 +657,18 @@ class _Windows:
         self._runs[point.key] = (experiment_id, run_id)
         return experiment_id, run_id
 
-    def _write_window(
-        self, items: list[tuple[WindowPoint, LocalTrace]], prices: PriceTable, content_bound: int
+    def _land(
+        self,
+        experiment_id: str,
+        run_id: str,
+        traces: list[LocalTrace],
+        steps: list[_Step],
+        prices: PriceTable,
+        content_bound: int,
     ) -> None:
-        first = items[0][0]
-        experiment_id, run_id = self._run_for(first)
-        sums = dict(self._sums.get(first.key, {}))
-        step = self._steps.get(first.key, 0)
-        metrics: list[tuple[str, float, int, int]] = []
-        for point, _ in items:
-            for name, value in point.metrics.items():
-                metrics.append((name, value, point.timestamp_ms, step))
-                sums[name] = sums.get(name, 0.0) + value
-            step += 1
-        last_ts = items[-1][0].timestamp_ms
-        metrics.extend((f"{name}_sum", total, last_ts, step) for name, total in sums.items())
-        metrics.append(("llm_calls_sum", float(step), last_ts, step))
-        traces = list({t.trace_id: t for _, t in items}.values())
         for start in range(0, len(traces), MAX_TRACES_PER_REQUEST):
-            chunk = traces[start : start + MAX_TRACES_PER_REQUEST]
             request, offloads = records.trace_request(
-                chunk,
+                traces[start : start + MAX_TRACES_PER_REQUEST],
                 prices,
                 content_bound=content_bound,
                 artifact_uri=lambda path: self._gateway.artifact_uri(run_id, path),
@@ -517,22 +676,27 @@ class _Windows:
             if offloads:
                 self._gateway.upload(run_id, offloads)
             self._gateway.post_traces(experiment_id, run_id, request)
+        metrics = [row for step in steps for row in step.rows]
+        metrics.extend(max(steps, key=lambda s: s.step).sums)
         for start in range(0, len(metrics), 1000):
             self._gateway.log_batch(run_id, {}, metrics[start : start + 1000], {})
-        self._steps[first.key] = step
-        self._sums[first.key] = sums
 
     def end_past_windows(self) -> None:
         now = datetime.now(UTC).timestamp()
+        past: list[tuple[str, str, float]] = []
         with self._lock:
-            for key, (_, run_id) in list(self._runs.items()):
+            for key, (_, run_id) in self._runs.items():
                 hour = key.rsplit("|", 1)[-1]
                 try:
                     end = datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp() + 3600
                 except ValueError:
                     continue
                 if now > end + WINDOW_GRACE_S:
-                    self._gateway.end_run(run_id, "FINISHED", int(end * 1000))
+                    past.append((key, run_id, end))
+        for key, run_id, end in past:
+            self._gateway.end_run(run_id, "FINISHED", int(end * 1000))
+            with self._lock:
+                if self._runs.get(key, ("", ""))[1] == run_id:
                     del self._runs[key]
                     self._steps.pop(key, None)
                     self._sums.pop(key, None)

@@ -1,0 +1,345 @@
+"""The writer against a fake MLflow: when traces are dispatched, what a wake costs, and what mode
+``window`` logs when its batches land at once."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, SpanFlags
+
+from genai_mlflow import semconv as sc
+from genai_mlflow.exporter import records, writer
+from genai_mlflow.exporter.gateway import GatewayError
+from genai_mlflow.exporter.pricing import PriceTable
+from genai_mlflow.exporter.spool import Spool
+from genai_mlflow.exporter.writer import Writer
+
+PRICES = PriceTable.load()
+PERSONA = "support_bot"
+WAIT_S = 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Spans, a clock and a fake MLflow
+
+
+def call_payload(*, end_ns: int, latency_ms: int = 300, complete: bool = True) -> bytes:
+    """One spooled record: a standalone LLM call, or (``complete=False``) a call whose local parent
+    has not arrived, so the trace waits for its root."""
+    span = Span(
+        trace_id=os.urandom(16),
+        span_id=os.urandom(8),
+        name="chat gpt-4o-mini",
+        kind=Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=end_ns - latency_ms * 1_000_000,
+        end_time_unix_nano=end_ns,
+    )
+    if not complete:
+        span.parent_span_id = os.urandom(8)
+        span.flags = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK  # the parent is local
+    attrs: dict[str, Any] = {
+        sc.GEN_AI_OPERATION_NAME: "chat",
+        sc.GEN_AI_PROVIDER_NAME: "openai",
+        sc.GEN_AI_REQUEST_MODEL: "gpt-4o-mini",
+        sc.GEN_AI_USAGE_INPUT_TOKENS: 12,
+        sc.GEN_AI_USAGE_OUTPUT_TOKENS: 3,
+        sc.GEN_AI_AGENT_NAME: PERSONA,
+    }
+    for key, value in attrs.items():
+        any_value = AnyValue(int_value=value) if isinstance(value, int) else AnyValue(string_value=value)
+        span.attributes.append(KeyValue(key=key, value=any_value))
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.append(
+        KeyValue(key="service.name", value=AnyValue(string_value="ask-api"))
+    )
+    resource_spans.scope_spans.add().spans.append(span)
+    payload: bytes = request.SerializeToString()
+    return payload
+
+
+def this_hour_ns(second: int) -> int:
+    """A time in the current UTC hour, so that no window of a test is ended as past."""
+    now = time.time()
+    return int((now - now % 3600 + second) * 1e9)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeGateway:
+    """Records every call; ``post_traces`` can fail, and can take a while."""
+
+    tracking_uri = "http://mlflow.invalid"
+
+    def __init__(self, *, post_s: float = 0.0) -> None:
+        self.lock = threading.Lock()
+        self.post_s = post_s
+        self.fail_posts = 0  # fail this many post_traces calls, then succeed
+        self.calls: list[str] = []
+        self.posted: dict[str, list[str]] = {}  # run id -> trace ids (hex), as posted
+        self.metrics: dict[str, list[tuple[str, float, int, int]]] = {}  # run id -> rows
+        self.posts_in_flight = 0
+        self.most_posts_in_flight = 0
+        self._runs = 0
+
+    def _record(self, name: str) -> None:
+        with self.lock:
+            self.calls.append(name)
+
+    def count(self, name: str) -> int:
+        with self.lock:
+            return self.calls.count(name)
+
+    def experiment_id(self, name: str, tags: dict[str, str]) -> str:
+        self._record("experiment_id")
+        return "1"
+
+    def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str:
+        self._record("create_run")
+        with self.lock:
+            self._runs += 1
+            return f"run-{self._runs}"
+
+    def log_batch(
+        self,
+        run_id: str,
+        params: dict[str, str],
+        metrics: Any,
+        tags: dict[str, str],
+    ) -> None:
+        self._record("log_batch")
+        with self.lock:
+            self.metrics.setdefault(run_id, []).extend(metrics)
+
+    def end_run(self, run_id: str, status: str, end_ms: int) -> None:
+        self._record("end_run")
+
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        self._record("find_run")
+        return None
+
+    def post_traces(self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest) -> None:
+        self._record("post_traces")
+        with self.lock:
+            self.posts_in_flight += 1
+            self.most_posts_in_flight = max(self.most_posts_in_flight, self.posts_in_flight)
+            fail = self.fail_posts > 0
+            self.fail_posts -= fail
+        try:
+            time.sleep(self.post_s)
+            if fail:
+                raise GatewayError("POST /v1/traces answered 503: try again")
+            trace_ids = [rs.scope_spans[0].spans[0].trace_id.hex() for rs in request.resource_spans]
+            with self.lock:
+                self.posted.setdefault(run_id or "", []).extend(trace_ids)
+        finally:
+            with self.lock:
+                self.posts_in_flight -= 1
+
+    def upload(self, run_id: str, offloads: Any) -> None:
+        self._record("upload")
+
+    def artifact_uri(self, run_id: str, path: str) -> str:
+        return f"runs:/{run_id}/{path}"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    with Spool(str(tmp_path / "spool")) as spool:
+        yield spool
+
+
+@pytest.fixture
+def make_writer(spool: Spool) -> Iterator[Callable[..., Writer]]:
+    """A writer that is not started: a test drives its drain cycles itself (it holds the drain lock)."""
+    made: list[Writer] = []
+
+    def make(gateway: FakeGateway, **options: Any) -> Writer:
+        assert spool.acquire_drain_lock()
+        made.append(Writer(spool, gateway, PRICES, **options))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.shutdown(0.1)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def settled(w: Writer) -> bool:
+    """Nothing of the writer's is in flight (each landing has been accounted for)."""
+    with w._lock:
+        return not any(p.in_flight for p in w._pending.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def test_a_trace_in_backoff_is_not_retried_before_its_backoff_ends(
+    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "backoff", lambda attempt: 30.0)
+    gateway = FakeGateway()
+    gateway.fail_posts = 1
+    clock = Clock()
+    w = make_writer(gateway, clock=clock)
+    spool.append(call_payload(end_ns=this_hour_ns(1)))
+
+    w._drain_once()
+    wait_until(lambda: gateway.count("post_traces") == 1 and settled(w), "the first attempt")
+    clock.now += 29.0
+    for _ in range(20):
+        w._drain_once()
+    wait_until(lambda: settled(w), "anything dispatched to settle")
+    assert gateway.count("post_traces") == 1
+    assert w.landed == 0
+
+    clock.now += 2.0
+    w._drain_once()
+    wait_until(lambda: w.landed == 1, "the retry")
+    assert gateway.count("post_traces") == 2
+    assert gateway.count("create_run") == 1  # the retry finishes the run the first attempt made
+
+
+def test_a_large_backlog_is_dispatched_without_rescanning_what_waits(
+    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wake costs what is due: traces waiting for their local root are looked at when they
+    arrive and when they turn orphan, not on every wake (which was quadratic in the backlog)."""
+    looked_at = [0]
+    is_complete = records.is_complete
+
+    def counting(trace: records.LocalTrace) -> bool:
+        looked_at[0] += 1
+        return is_complete(trace)
+
+    monkeypatch.setattr(records, "is_complete", counting)
+    gateway = FakeGateway()
+    clock = Clock()
+    w = make_writer(gateway, clock=clock)
+    waiting, ready = 3000, 500
+    for i in range(waiting):
+        spool.append(call_payload(end_ns=this_hour_ns(i), complete=False))
+    for i in range(ready):
+        spool.append(call_payload(end_ns=this_hour_ns(i)))
+    w._drain_once()
+    wait_until(lambda: w.landed == ready, "the complete traces")
+
+    looked_at[0] = 0
+    for _ in range(50):
+        w._drain_once()
+        clock.now += 1.0
+    assert looked_at[0] == 0  # the rescan looked at all 3,000 waiting traces on each of the 50 wakes
+    assert settled(w)
+    assert gateway.count("post_traces") == ready  # each dispatched once
+
+    clock.now += writer.ORPHAN_AFTER_S
+    w._drain_once()
+    wait_until(lambda: w.landed == ready + waiting, "the orphans")
+    assert gateway.count("post_traces") == ready + waiting
+
+
+def test_an_incomplete_trace_waits_for_its_root_until_it_counts_as_an_orphan(
+    spool: Spool, make_writer: Callable[..., Writer]
+) -> None:
+    gateway = FakeGateway()
+    clock = Clock()
+    w = make_writer(gateway, clock=clock)
+    spool.append(call_payload(end_ns=this_hour_ns(1), complete=False))
+    w._drain_once()
+    clock.now += writer.ORPHAN_AFTER_S - 1.0
+    w._drain_once()
+    assert settled(w)
+    assert gateway.count("post_traces") == 0
+
+    clock.now += 1.0
+    w._drain_once()
+    wait_until(lambda: w.landed == 1, "the orphan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode window
+
+
+def test_window_batches_land_at_once_with_exact_steps_and_sums(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches overlap (one even fails and is retried meanwhile); each call is still one step, every
+    step from 0 is there once, and the run's ``*_sum`` metrics (the value at the highest step) are
+    the totals."""
+    monkeypatch.setattr(writer, "backoff", lambda attempt: 0.0)
+    gateway = FakeGateway(post_s=0.3)
+    gateway.fail_posts = 1
+    calls = 450
+    latencies = [100 + i for i in range(calls)]
+    for i, latency in enumerate(latencies):
+        spool.append(call_payload(end_ns=this_hour_ns(i), latency_ms=latency))
+    w = Writer(spool, gateway, PRICES, mode="window", workers=8)
+    w.start()
+    try:
+        assert w.flush(WAIT_S)
+    finally:
+        w.shutdown(1.0)
+
+    assert 2 <= gateway.most_posts_in_flight <= writer.WINDOW_BATCHES_IN_FLIGHT
+    assert gateway.count("create_run") == 1
+    [(run_id, rows)] = gateway.metrics.items()
+    assert len(set(gateway.posted[run_id])) == calls
+    unique = set(rows)  # MLflow keeps one of identical rows, as a retry may log them again
+    steps = sorted(step for name, _, _, step in unique if name == sc.METRIC_LATENCY_MS)
+    assert steps == list(range(calls))
+    assert sorted(value for name, value, _, _ in unique if name == sc.METRIC_LATENCY_MS) == pytest.approx(
+        latencies
+    )
+
+    def latest(name: str) -> float:
+        return max((step, value) for key, value, _, step in unique if key == name)[1]
+
+    assert latest("llm_calls_sum") == calls
+    assert latest(f"{sc.METRIC_LATENCY_MS}_sum") == pytest.approx(sum(latencies))
+    assert latest(f"{sc.METRIC_PROMPT_TOKENS}_sum") == 12 * calls
+    assert latest(f"{sc.METRIC_TOTAL_TOKENS}_sum") == 15 * calls
+
+
+def test_a_window_batch_short_of_a_full_request_waits_a_little_for_more(
+    spool: Spool, make_writer: Callable[..., Writer]
+) -> None:
+    gateway = FakeGateway()
+    clock = Clock()
+    w = make_writer(gateway, mode="window", clock=clock)
+    for i in range(10):
+        spool.append(call_payload(end_ns=this_hour_ns(i)))
+    w._drain_once()
+    clock.now += writer.WINDOW_LINGER_S - 0.1
+    w._drain_once()
+    assert settled(w)
+    assert gateway.count("post_traces") == 0
+
+    for i in range(writer.MAX_TRACES_PER_REQUEST):  # a full request goes at once
+        spool.append(call_payload(end_ns=this_hour_ns(i)))
+    w._drain_once()
+    wait_until(lambda: w.landed == writer.MAX_TRACES_PER_REQUEST, "a full batch")
+    clock.now += writer.WINDOW_LINGER_S  # the rest has now waited long enough
+    w._drain_once()
+    wait_until(lambda: w.landed == writer.MAX_TRACES_PER_REQUEST + 10, "the rest")
+    assert gateway.count("post_traces") == 2
