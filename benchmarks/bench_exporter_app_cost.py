@@ -24,7 +24,8 @@ Pinning (unless ``--colocated``): the app's subprocess runs on the first CPU, an
 and the writer process on the others. At 20 calls/s, landing in mode ``call`` needs more than one core
 of MLflow server CPU, so on a two-core machine without pinning the app's latency mostly measures the
 machine's saturation, not the exporter's cost to the app; with pinning the server stands in for one
-on another machine. PostgreSQL (a system service, shared) is not pinned. Reported:
+on another machine. PostgreSQL (the machine's service) is pinned with them while the server stack runs,
+and given back every CPU afterwards. Reported:
 the median and the 99th percentile of the per-call latency over all bare and all instrumented calls,
 their ratios, the median over pairs of the per-pair ratio of medians, and the app's CPU per call.
 Goal: median <= 1.10x bare at 20 calls/s.
@@ -408,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-app-cost-") as tmp:
         stack_cm = common.running_stack(Path(tmp) / "stack") if needs_stack else None
         stack = stack_cm.__enter__() if stack_cm is not None else None
+        pg_cm = common.postgres_pinned(cpus[1]) if stack is not None and cpus[1] else None
+        if pg_cm is not None:
+            pg_cm.__enter__()
         if stack is not None and cpus[1]:
             common.pin(common.stack_pids(stack), cpus[1])
         try:
@@ -419,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"  {time.perf_counter() - block_started:.0f} s", file=sys.stderr, flush=True)
         finally:
+            if pg_cm is not None:
+                pg_cm.__exit__(None, None, None)
             if stack_cm is not None:
                 stack_cm.__exit__(None, None, None)
     elapsed = time.perf_counter() - started
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if cpus[0]:
         print(
             f"pinned: the app (with a writer thread, and autolog's exporter) on CPU {sorted(cpus[0])}; "
-            f"the writer process, MLflow server and moto on CPU {sorted(cpus[1])} (PostgreSQL unpinned)"
+            f"the writer process, MLflow server, moto and PostgreSQL on CPU {sorted(cpus[1])}"
         )
     else:
         print("not pinned: the app, the writer process and the MLflow server share every CPU")

@@ -260,6 +260,30 @@ def pin(pids: list[int], cpus: set[int]) -> None:
                 os.sched_setaffinity(task, cpus)
 
 
+@contextlib.contextmanager
+def postgres_pinned(cpus: set[int]) -> Iterator[None]:
+    """PostgreSQL (the machine's service: its postmaster, so new backends inherit it, and every
+    backend) on ``cpus`` for the ``with`` body, then back to the CPUs each had. Skipped quietly
+    where it is not allowed (not root, another user's server)."""
+    saved: dict[int, set[int]] = {}
+    for proc in _procs():
+        if not proc.name.startswith("postgres"):
+            continue
+        for task in _tasks(proc.pid):
+            with contextlib.suppress(OSError):
+                before = os.sched_getaffinity(task)
+                os.sched_setaffinity(task, cpus)
+                saved[task] = before
+    try:
+        yield
+    finally:
+        for proc in _procs():  # backends forked meanwhile inherited the pin: give them every CPU
+            if proc.name.startswith("postgres"):
+                for task in _tasks(proc.pid):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(task, saved.get(task, set(range(os.cpu_count() or 1))))
+
+
 def _tasks(pid: int) -> list[int]:
     try:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
