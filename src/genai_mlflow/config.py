@@ -60,6 +60,7 @@ ENV_MAX_VALUE_BYTES = "GENAI_MLFLOW_MAX_VALUE_BYTES"
 ENV_APP_VERSION = "GENAI_MLFLOW_APP_VERSION"
 ENV_WRITER = "GENAI_MLFLOW_WRITER"
 ENV_WORKERS = "GENAI_MLFLOW_WORKERS"
+ENV_MAX_PENDING_BYTES = "GENAI_MLFLOW_MAX_PENDING_BYTES"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 
 MODES = ("call", "window")
@@ -137,6 +138,7 @@ class Settings:
     app_version: str | None = None
     writer: str = "thread"
     workers: int = 8
+    max_pending_bytes: int = 32 << 20
 
     @classmethod
     def resolve(cls, tracking_uri: str | None = None, **options: Any) -> Settings:
@@ -169,6 +171,9 @@ class Settings:
             app_version=pick("app_version", ENV_APP_VERSION) or None,
             writer=_choice(ENV_WRITER, pick("writer", ENV_WRITER), WRITERS, "thread"),
             workers=_int(ENV_WORKERS, pick("workers", ENV_WORKERS), 8, 1),
+            max_pending_bytes=_int(
+                ENV_MAX_PENDING_BYTES, pick("max_pending_bytes", ENV_MAX_PENDING_BYTES), 32 << 20, 1 << 20
+            ),
         )
 
 
@@ -192,5 +197,6 @@ _OPTION_NAMES = frozenset(
         "app_version",
         "writer",
         "workers",
+        "max_pending_bytes",
     }
 )

@@ -110,6 +110,7 @@ def _new_writer(settings: Settings, spool: Spool) -> Writer:
         workers=settings.workers,
         content_bound=settings.content_bound,
         app_version=settings.app_version,
+        max_pending_bytes=settings.max_pending_bytes,
     )
 
 

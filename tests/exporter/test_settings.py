@@ -22,6 +22,13 @@ def test_arguments_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert from_args.spool_dir == tmp_path / "arg"
 
 
+def test_max_pending_bytes_from_argument_environment_or_default(monkeypatch: pytest.MonkeyPatch):
+    assert Settings.resolve("sqlite:///x.db").max_pending_bytes == 32 << 20
+    monkeypatch.setenv("GENAI_MLFLOW_MAX_PENDING_BYTES", str(8 << 20))
+    assert Settings.resolve("sqlite:///x.db").max_pending_bytes == 8 << 20
+    assert Settings.resolve("sqlite:///x.db", max_pending_bytes=4 << 20).max_pending_bytes == 4 << 20
+
+
 def test_tracking_uri_resolution(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert Settings.resolve().tracking_uri == "http://mlflow.example:5000"
@@ -42,6 +49,8 @@ def test_one_spool_per_tracking_uri():
         ("spool_max_bytes", 10, "GENAI_MLFLOW_SPOOL_MAX_BYTES=10 is below its minimum of 1048576"),
         ("fsync", "maybe", "GENAI_MLFLOW_FSYNC='maybe' is not a boolean"),
         ("writer", "fibre", "GENAI_MLFLOW_WRITER='fibre' is not one of thread, process"),
+        ("max_pending_bytes", "32MB", "GENAI_MLFLOW_MAX_PENDING_BYTES='32MB' is not an integer"),
+        ("max_pending_bytes", 4096, "GENAI_MLFLOW_MAX_PENDING_BYTES=4096 is below its minimum of 1048576"),
     ],
 )
 def test_wrong_values(option: str, value: object, message: str):

@@ -1,8 +1,10 @@
-"""The writer against a fake MLflow: when traces are dispatched, what a wake costs, and what mode
-``window`` logs when its batches land at once."""
+"""The writer against a fake MLflow: when traces are dispatched, what a wake costs, what mode
+``window`` logs when its batches land at once, how much it reads ahead, and what flush() and the
+logs say when MLflow refuses."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -19,8 +21,9 @@ from genai_mlflow import semconv as sc
 from genai_mlflow.exporter import records, writer
 from genai_mlflow.exporter.gateway import GatewayError
 from genai_mlflow.exporter.pricing import PriceTable
-from genai_mlflow.exporter.spool import Spool
+from genai_mlflow.exporter.spool import Record, RecordId, Spool
 from genai_mlflow.exporter.writer import Writer
+from genai_mlflow.throttle import Throttle
 
 PRICES = PriceTable.load()
 PERSONA = "support_bot"
@@ -66,6 +69,13 @@ def call_payload(*, end_ns: int, latency_ms: int = 300, complete: bool = True) -
     return payload
 
 
+def span_trace_id(payload: bytes) -> str:
+    """The trace id (hex) of a record made by ``call_payload``."""
+    request = ExportTraceServiceRequest.FromString(payload)
+    trace_id: bytes = request.resource_spans[0].scope_spans[0].spans[0].trace_id
+    return trace_id.hex()
+
+
 def this_hour_ns(second: int) -> int:
     """A time in the current UTC hour, so that no window of a test is ended as past."""
     now = time.time()
@@ -89,6 +99,7 @@ class FakeGateway:
         self.lock = threading.Lock()
         self.post_s = post_s
         self.fail_posts = 0  # fail this many post_traces calls, then succeed
+        self.refuse: GatewayError | None = None  # raised by every post_traces call
         self.calls: list[str] = []
         self.posted: dict[str, list[str]] = {}  # run id -> trace ids (hex), as posted
         self.metrics: dict[str, list[tuple[str, float, int, int]]] = {}  # run id -> rows
@@ -134,6 +145,8 @@ class FakeGateway:
 
     def post_traces(self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest) -> None:
         self._record("post_traces")
+        if self.refuse is not None:
+            raise self.refuse
         with self.lock:
             self.posts_in_flight += 1
             self.most_posts_in_flight = max(self.most_posts_in_flight, self.posts_in_flight)
@@ -343,3 +356,174 @@ def test_a_window_batch_short_of_a_full_request_waits_a_little_for_more(
     w._drain_once()
     wait_until(lambda: w.landed == writer.MAX_TRACES_PER_REQUEST + 10, "the rest")
     assert gateway.count("post_traces") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-ahead and the circuit breaker
+
+
+class HeldBytes:
+    """The spool payload a writer holds: what it read and has not committed, at most ever, and
+    how many records it read."""
+
+    def __init__(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held: dict[RecordId, int] = {}
+        self.peak = 0
+        self.records_read = 0
+        read, commit = spool.read, spool.commit
+
+        def reading(max_records: int = 1000) -> list[Record]:
+            batch = read(max_records)
+            self.records_read += len(batch)
+            self.held.update((record.id, len(record.payload)) for record in batch)
+            self.peak = max(self.peak, sum(self.held.values()))
+            return batch
+
+        def committing(ids: Any) -> None:
+            ids = list(ids)
+            for record_id in ids:
+                self.held.pop(record_id, None)
+            commit(ids)
+
+        monkeypatch.setattr(spool, "read", reading)
+        monkeypatch.setattr(spool, "commit", committing)
+
+
+def test_the_read_ahead_holds_no_more_than_its_bound_in_bytes_and_all_lands_once_after_an_outage(
+    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "backoff", lambda attempt: 1.0)
+    payloads = [call_payload(end_ns=this_hour_ns(i)) for i in range(100)]
+    record = max(len(p) for p in payloads)
+    bound = 10 * record + record // 2
+    for payload in payloads:
+        spool.append(payload)
+    held = HeldBytes(spool, monkeypatch)
+    gateway = FakeGateway()
+    gateway.fail_posts = 1_000_000
+    clock = Clock()
+    w = make_writer(gateway, clock=clock, max_pending_bytes=bound)
+
+    for _ in range(10):  # MLflow fails: the breaker opens, half-opens, a probe fails, and again
+        w._drain_once()
+        wait_until(lambda: settled(w), "the attempts to settle")
+        clock.now += 1.5
+    assert w.landed == 0
+    assert bound - record < held.peak <= bound + record  # a read of 1000 records held all 100
+
+    with gateway.lock:
+        gateway.fail_posts = 0
+    for _ in range(200):
+        if w.landed == len(payloads):
+            break
+        w._drain_once()
+        wait_until(lambda: settled(w), "the landings to settle")
+        clock.now += 1.5
+    assert w.landed == len(payloads)
+    assert held.peak <= bound + record
+    landed = [trace_id for trace_ids in gateway.posted.values() for trace_id in trace_ids]
+    assert sorted(landed) == sorted({span_trace_id(p) for p in payloads})  # each once
+    assert not held.held
+    assert spool.status().pending_records == 0
+
+
+@pytest.mark.parametrize(("mode", "probe"), [("call", 1), ("window", writer.MAX_TRACES_PER_REQUEST)])
+def test_nothing_is_read_while_the_breaker_is_open_and_one_probe_goes_when_it_half_opens(
+    spool: Spool,
+    make_writer: Callable[..., Writer],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    probe: int,
+) -> None:
+    monkeypatch.setattr(writer, "backoff", lambda attempt: 10.0)
+    calls = 250  # mode window: more than one full batch is ready when the breaker half-opens
+    for i in range(calls):
+        spool.append(call_payload(end_ns=this_hour_ns(i)))
+    held = HeldBytes(spool, monkeypatch)
+    gateway = FakeGateway()
+    clock = Clock()
+    w = make_writer(gateway, mode=mode, clock=clock)
+    for _ in range(3):  # MLflow failed 3 times in a row
+        w._breaker.failure(GatewayError("POST /v1/traces answered 503"))
+
+    for _ in range(5):
+        w._drain_once()
+        clock.now += 1.0
+    assert held.records_read == 0  # MLflow is down: the backlog stays on disk
+    assert gateway.calls == []
+
+    clock.now += 10.0  # the cooldown is over: the breaker half-opens
+    w._drain_once()
+    wait_until(lambda: settled(w), "the probe to land")
+    assert gateway.count("post_traces") == 1
+    assert w.landed == probe
+
+    clock.now += writer.WINDOW_LINGER_S  # MLflow is back: the rest goes
+    w._drain_once()
+    wait_until(lambda: w.landed == calls, "the rest")
+    landed = [trace_id for trace_ids in gateway.posted.values() for trace_id in trace_ids]
+    assert len(landed) == len(set(landed)) == calls
+
+
+# ---------------------------------------------------------------------------------------------
+# When MLflow refuses
+
+
+@pytest.mark.parametrize("standby_s", [0.0, 0.3])
+def test_flush_just_after_start_says_at_once_that_a_trace_was_given_up(
+    spool: Spool, standby_s: float
+) -> None:
+    """flush() before the drain thread has taken the drain lock waited for the spool to empty,
+    which a trace given up on (kept in the spool) never lets happen: False, but at the timeout."""
+    gateway = FakeGateway()
+    gateway.refuse = GatewayError("POST /v1/traces answered 403: PERMISSION_DENIED", retryable=False)
+    spool.append(call_payload(end_ns=this_hour_ns(1)))
+    w = Writer(spool, gateway, PRICES)
+    w.start(standby_s=standby_s)
+    try:
+        started = time.monotonic()
+        assert w.flush(10) is False
+        elapsed = time.monotonic() - started
+    finally:
+        w.shutdown(0.1)
+    assert elapsed < 5, f"flush() waited {elapsed:.1f}s for a trace the writer had given up on"
+    assert gateway.count("post_traces") == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [(401, "Check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"), (403, "grant it permission")],
+)
+def test_traces_given_up_are_logged_once_in_a_while_with_the_server_and_a_fix(
+    spool: Spool,
+    make_writer: Callable[..., Writer],
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    hint: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="genai_mlflow")
+    gateway = FakeGateway()
+    gateway.tracking_uri = "https://admin:s3cret@mlflow.example:5000"
+    gateway.refuse = GatewayError(f"POST /api/2.0/mlflow/runs/create answered {status}: no", retryable=False)
+    w = make_writer(gateway)
+    for i in range(5):
+        spool.append(call_payload(end_ns=this_hour_ns(i)))
+    w._drain_once()
+    wait_until(lambda: w.failed == 5 and settled(w), "the traces to be given up")
+
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"answered {status}" in line
+    assert "will not retry" in line
+    assert "https://mlflow.example:5000" in line
+    assert hint in line
+    assert "MLFLOW_TRACKING_TOKEN" in line
+    assert "`genai-mlflow doctor`" in line
+    assert "s3cret" not in caplog.text
+
+    w._given_up_log = Throttle(0.0)  # the interval is over
+    spool.append(call_payload(end_ns=this_hour_ns(9)))
+    w._drain_once()
+    wait_until(lambda: w.failed == 6 and settled(w), "one more trace to be given up")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lines) == 2
+    assert "4 more trace(s) given up since the last such message" in lines[1]

@@ -240,6 +240,7 @@ class CollectorService:
             workers=settings.workers,
             content_bound=settings.content_bound,
             app_version=settings.app_version,
+            max_pending_bytes=settings.max_pending_bytes,
         )
         # The pipeline an app would have; its span processor stays idle: spans come over HTTP.
         self.pipeline = Pipeline(settings, spool, DurableSpanProcessor(spool), writer)

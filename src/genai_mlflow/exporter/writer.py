@@ -15,8 +15,10 @@ import itertools
 import logging
 import queue
 import random
+import re
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from genai_mlflow import semconv as sc
+from genai_mlflow.throttle import Throttle
 
 from . import records
 from .gateway import Gateway, GatewayError
@@ -41,7 +44,10 @@ LOCK_RETRY_S = 2.0  # how often a standby writer checks whether the draining one
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 60.0
 WINDOW_GRACE_S = 300.0
-MAX_PENDING_TRACES = 20_000  # traces held in memory at most; the rest wait in the spool
+# What the writer holds in memory at most, ahead of what has landed; the rest waits in the spool.
+MAX_PENDING_BYTES = 32 << 20  # spool payload of the records read and not yet committed
+MAX_PENDING_TRACES = 20_000  # a second bound, as a record's traces can cost more than its payload
+READ_BATCH = 1000  # records per spool read at most
 MAX_TRACES_PER_REQUEST = 100  # MLflow links no trace at all past 100 roots in one request
 # Mode window: batches (each at most one full OTLP request per window) landing at once. The server
 # handles requests in parallel; more in flight only queue there and make the batches smaller.
@@ -50,6 +56,12 @@ WINDOW_BATCHES_IN_FLIGHT = 3
 # waits). Each request costs the server about as much as two more traces in it.
 WINDOW_LINGER_S = 0.5
 _CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next try"
+# A trace given up on (wrong credentials, no permission) is logged at most once per this long: with
+# wrong credentials every call fails the same way.
+GIVEN_UP_LOG_S = 60.0
+_UNAUTHENTICATED = re.compile(r"answered 401\b|UNAUTHENTICATED")
+_DENIED = re.compile(r"answered 403\b|PERMISSION_DENIED")
+_CREDENTIALS = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
 
 
 class CircuitBreaker:
@@ -64,6 +76,10 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         return self._clock() >= self._open_until
+
+    def half_open(self) -> bool:
+        """Past its cooldown but not yet closed: a probe finds out whether MLflow is back."""
+        return self._failures >= self._threshold and self.allow()
 
     def success(self) -> bool:
         """True if this closes a circuit that had opened: MLflow is back."""
@@ -166,6 +182,7 @@ class Writer:
         workers: int = 8,
         content_bound: int = 16 * 1024,
         app_version: str | None = None,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._spool = spool
@@ -173,6 +190,7 @@ class Writer:
         self._prices = prices
         self._mode = mode
         self._content_bound = content_bound
+        self._max_pending_bytes = max_pending_bytes
         self._clock = clock
         # Tagged on every run this writer makes.
         self._extra_tags = {sc.GENAI_MLFLOW_APP_VERSION: app_version} if app_version else {}
@@ -184,6 +202,9 @@ class Writer:
         self._breaker = CircuitBreaker(clock=clock)
         self._pending: dict[bytes, _Pending] = {}
         self._record_refs: dict[RecordId, int] = {}
+        self._record_bytes: dict[RecordId, int] = {}  # payload size of each record read, until committed
+        self._pending_bytes = 0  # their sum: what the read-ahead bound counts
+        self._largest_record = 0  # payload bytes; sizes the reads so that the bound holds per record
         # What the dispatcher looks at, so that a wake costs what is due rather than what is pending:
         # traces that can go now, and (due, sequence, trace id) for those in a backoff or waiting
         # for their local root. An entry whose due is no longer its trace's ``due`` is stale; it
@@ -194,6 +215,11 @@ class Writer:
         self._owed: set[bytes] = set()  # trace ids that flush() waits for (see _is_owed)
         self._given_up: set[bytes] = set()  # trace ids kept in the spool after an error no retry fixes
         self._window_batches = 0  # mode window: batches in flight
+        # Half-open breaker: the one trace (mode call) or batch (mode window) that is finding out
+        # whether MLflow is back; the rest waits for its answer rather than failing together.
+        self._probe: list[_Pending] | None = None
+        self._given_up_log = Throttle(GIVEN_UP_LOG_S)
+        self._given_up_unlogged = 0  # traces given up since the last line that said so
         self._flushes = 0  # flush() calls waiting: what is ready goes now, in batches full or not
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -230,12 +256,15 @@ class Writer:
         """True once every complete trace spooled so far has landed; False at the timeout, or as
         soon as the rest has landed if a trace was given up (an error a retry cannot fix)."""
         deadline = time.monotonic() + timeout_s
-        if not self._draining:  # another process drains: wait for the spool to empty
-            while time.monotonic() < deadline:
-                if self._spool.status().pending_records == 0:
-                    return True
-                time.sleep(0.05)
-            return False
+        # Looked at on every pass, not once: just after start(), or on a busy machine, the drain
+        # thread may not have tried the drain lock yet, and a standby writer may take it over.
+        while not self._draining:  # another process drains, or none yet: wait for the spool to empty
+            if self._spool.status().pending_records == 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(remaining, 0.05))
         with self._lock:
             target = self._reads
             self._flushes += 1
@@ -307,32 +336,45 @@ class Writer:
                 time.sleep(0.5)
 
     def _drain_once(self) -> None:
-        # Read no further than MAX_PENDING_TRACES ahead of what has landed: during a long outage
-        # the backlog stays on disk, not in memory.
-        backlog = False
-        while True:
-            if len(self._pending) >= MAX_PENDING_TRACES:
-                backlog = True
-                break
-            batch = self._spool.read(1000)
-            if batch:
-                self._ingest(batch)
-            if len(batch) < 1000:
-                break
+        backlog = self._read_ahead()
         with self._lock:
             self._backlog = backlog
             self._reads += 1
         self._dispatch()
-        if self._mode == "window" and self._breaker.allow():
+        if self._mode == "window" and self._breaker.allow() and not self._breaker.half_open():
             self._windows.end_past_windows()
         with self._idle:
             self._idle.notify_all()
+
+    def _read_ahead(self) -> bool:
+        """Read what the bounds leave room for; True if the spool may hold more (a backlog).
+
+        The bounds hold per record: a record read cannot be put back, so each read asks for no more
+        records than fit if none is larger than the largest seen so far, and one when near the bound.
+        """
+        if not self._breaker.allow():
+            return True  # MLflow is down: the backlog is safe on disk, and reading it only costs memory
+        while True:
+            with self._lock:
+                room = self._max_pending_bytes - self._pending_bytes
+                traces_room = MAX_PENDING_TRACES - len(self._pending)
+                largest = self._largest_record
+            if room <= 0 or traces_room <= 0:
+                return True
+            # One record first: nothing says how large they are yet.
+            count = min(READ_BATCH, traces_room, max(1, room // largest) if largest else 1)
+            batch = self._spool.read(count)
+            if batch:
+                self._ingest(batch)
+            if len(batch) < count:
+                return False
 
     def _ingest(self, batch: list[Record]) -> None:
         now = self._clock()
         empty: list[RecordId] = []
         with self._lock:
             for record in batch:
+                self._largest_record = max(self._largest_record, len(record.payload))
                 try:
                     request = ExportTraceServiceRequest.FromString(record.payload)
                     traces = records.local_traces(request)
@@ -342,6 +384,9 @@ class Writer:
                     continue
                 if not traces:
                     empty.append(record.id)
+                    continue
+                self._record_bytes[record.id] = len(record.payload)
+                self._pending_bytes += len(record.payload)
                 for trace in traces:
                     pending = self._pending.get(trace.trace_id)
                     if pending is None:
@@ -403,17 +448,22 @@ class Writer:
     def _dispatch(self) -> None:
         if not self._breaker.allow():
             return
+        # Half-open: one trace (one batch in mode window) finds out whether MLflow is back, rather
+        # than the whole backlog failing together; the rest goes once it has landed.
+        probing = self._breaker.half_open()
         batches: list[list[_Pending]] = []
-        ready: list[_Pending] = []
         with self._lock:
             now = self._clock()
             self._fire_timers(now)
+            if probing and self._probe is not None:
+                return
             if self._mode == "window":
                 # Each window's calls become one log_batch and few trace requests per batch; a few
                 # batches land at once, their steps and sums reserved in order (see _Windows).
                 while (
                     self._ready
                     and self._window_batches < WINDOW_BATCHES_IN_FLIGHT
+                    and not (probing and batches)
                     and (
                         len(self._ready) >= MAX_TRACES_PER_REQUEST
                         or self._flushes
@@ -423,15 +473,16 @@ class Writer:
                     batches.append(self._take(MAX_TRACES_PER_REQUEST))
                     self._window_batches += 1
             else:
-                ready = self._take(len(self._ready))
-        if self._mode == "window":
-            for batch in batches:
+                batches = [[pending] for pending in self._take(1 if probing else len(self._ready))]
+            if probing and batches:
+                self._probe = batches[0]
+        for batch in batches:
+            if self._mode == "window":
                 future = self._pool.submit(self._land_window, batch)
                 future.add_done_callback(functools.partial(self._landed_window, batch))
-            return
-        for pending in ready:
-            future = self._pool.submit(self._land_call, pending)
-            future.add_done_callback(functools.partial(self._landed, [pending]))
+            else:
+                future = self._pool.submit(self._land_call, batch[0])
+                future.add_done_callback(functools.partial(self._landed, batch))
 
     def _land_call(self, pending: _Pending) -> None:
         if not self._breaker.allow():
@@ -449,6 +500,15 @@ class Writer:
         self._landed(batch, future)
 
     def _landed(self, batch: list[_Pending], future: Future[None]) -> None:
+        try:
+            self._settle(batch, future)
+        finally:
+            if self._probe is batch:  # the breaker has the probe's answer now: the rest may go
+                with self._lock:
+                    self._probe = None
+                self._wake.set()
+
+    def _settle(self, batch: list[_Pending], future: Future[None]) -> None:
         now = self._clock()
         if future.cancelled():  # shutdown() cancelled it before it ran: it stays in the spool
             with self._lock:
@@ -470,6 +530,7 @@ class Writer:
                         left = self._record_refs.get(record_id, 1) - 1
                         if left <= 0:
                             self._record_refs.pop(record_id, None)
+                            self._pending_bytes -= self._record_bytes.pop(record_id, 0)
                             done.append(record_id)
                         else:
                             self._record_refs[record_id] = left
@@ -484,8 +545,9 @@ class Writer:
                 self._schedule(pending, now)
                 self._note(pending)
             # Wake the drain thread only when it has something to do: a window batch's place is
-            # free for what waits, or a flush() may wait for one more drain cycle.
-            wake = bool(self._ready) or not self._owed
+            # free for what waits, a flush() may wait for one more drain cycle, or the read-ahead
+            # stopped at its bound has room again.
+            wake = bool(self._ready) or not self._owed or (self._backlog and bool(done))
             if not self._owed:
                 self._idle.notify_all()
         if error is None:
@@ -499,18 +561,47 @@ class Writer:
                 wake = True
             self._spool.commit(done)
         elif isinstance(error, GatewayError) and not error.retryable:
-            for pending in batch:
-                logger.error(
-                    "genai-mlflow could not land trace %s and will not retry: %s",
-                    pending.trace.trace_id.hex(),
-                    error,
-                )
+            self._log_given_up(batch, error)
         elif not (isinstance(error, GatewayError) and str(error) == _CIRCUIT_OPEN):
             self._breaker.failure(error)  # type: ignore[arg-type]  # one failed request, whatever its size
             for pending in batch:
                 logger.debug("genai-mlflow will retry trace %s: %s", pending.trace.trace_id.hex(), error)
         if wake:
             self._wake.set()
+
+    def _log_given_up(self, batch: list[_Pending], error: GatewayError) -> None:
+        with self._lock:
+            self._given_up_unlogged += len(batch)
+            if not self._given_up_log.ready():
+                return
+            unlogged, self._given_up_unlogged = self._given_up_unlogged, 0
+        message = str(error).rstrip(". ")
+        hint = ""
+        if _DENIED.search(message):
+            hint = " The user may not write there: grant it permission, or use other credentials"
+            hint += f" ({_CREDENTIALS});"
+        elif _UNAUTHENTICATED.search(message):
+            hint = f" Check {_CREDENTIALS};"
+        if hint:
+            hint += " `genai-mlflow doctor` diagnoses it."
+        others = unlogged - 1
+        logger.error(
+            "genai-mlflow could not land trace %s in MLflow at %s and will not retry: %s.%s It stays in "
+            "the spool for `genai-mlflow spool replay`%s.",
+            batch[0].trace.trace_id.hex(),
+            _without_credentials(self._gateway.tracking_uri),
+            message,
+            hint,
+            f"; {others} more trace(s) given up since the last such message" if others else "",
+        )
+
+
+def _without_credentials(uri: str) -> str:
+    """The URI for a log line: a user and password in it (a database URI) stay out of logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 RUN_STATE_CREATED = "created"
