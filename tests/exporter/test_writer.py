@@ -527,3 +527,14 @@ def test_traces_given_up_are_logged_once_in_a_while_with_the_server_and_a_fix(
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(lines) == 2
     assert "4 more trace(s) given up since the last such message" in lines[1]
+
+
+def test_shutdown_just_after_start_lands_what_is_spooled(spool: Spool) -> None:
+    """shutdown() before the drain thread had taken the drain lock said True and landed nothing."""
+    gateway = FakeGateway()
+    for second in range(3):
+        spool.append(call_payload(end_ns=this_hour_ns(second)))
+    w = Writer(spool, gateway, PRICES)
+    w.start()
+    assert w.shutdown(10) is True
+    assert gateway.count("post_traces") == 3

@@ -287,7 +287,9 @@ class Writer:
 
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout_s
-        flushed = self.flush(timeout_s) if self._draining else True
+        # A writer meant to drain (no standby) flushes even if its thread has not taken the drain
+        # lock yet; one standing by for a writer process leaves the spool to that process.
+        flushed = self.flush(timeout_s) if self._draining or not self._standby_s else True
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
