@@ -22,7 +22,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from genai_mlflow.config import Settings, is_disabled, resolve_capture_content
-from genai_mlflow.exporter.gateway import make_gateway
+from genai_mlflow.exporter.gateway import Gateway, make_gateway
 from genai_mlflow.exporter.pricing import PriceTable
 from genai_mlflow.exporter.processor import DurableSpanProcessor
 from genai_mlflow.exporter.spool import Spool
@@ -60,7 +60,7 @@ class Pipeline:
     @classmethod
     def build(cls, settings: Settings) -> Pipeline:
         spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=settings.fsync)
-        writer = _new_writer(settings, spool)
+        writer = new_writer(settings, spool)
         processor = DurableSpanProcessor(spool, on_appended=writer.wake)
         pipeline = cls(settings, spool, processor, writer)
         if settings.writer == "process":
@@ -75,7 +75,7 @@ class Pipeline:
         return pipeline
 
     def restart_writer_after_fork(self) -> None:
-        self.writer = _new_writer(self.settings, self.spool)
+        self.writer = new_writer(self.settings, self.spool)
         self.processor.on_appended = self.writer.wake
         self.writer.start()
 
@@ -101,11 +101,14 @@ class Pipeline:
         return flushed
 
 
-def _new_writer(settings: Settings, spool: Spool) -> Writer:
+def new_writer(
+    settings: Settings, spool: Spool, gateway: Gateway | None = None, prices: PriceTable | None = None
+) -> Writer:
+    """The writer these settings describe; the collector passes its metered gateway."""
     return Writer(
         spool,
-        make_gateway(settings.tracking_uri),
-        PriceTable.load(settings.prices),
+        gateway or make_gateway(settings.tracking_uri),
+        prices or PriceTable.load(settings.prices),
         mode=settings.mode,
         workers=settings.workers,
         content_bound=settings.content_bound,

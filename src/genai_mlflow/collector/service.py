@@ -25,8 +25,7 @@ from genai_mlflow.exporter.gateway import make_gateway
 from genai_mlflow.exporter.pricing import PriceTable
 from genai_mlflow.exporter.processor import DurableSpanProcessor
 from genai_mlflow.exporter.spool import Spool, SpoolStatus
-from genai_mlflow.exporter.writer import Writer
-from genai_mlflow.setup import Pipeline
+from genai_mlflow.setup import Pipeline, new_writer
 from genai_mlflow.throttle import Throttle
 
 from . import otlp
@@ -232,16 +231,7 @@ class CollectorService:
         gateway = MeteredGateway(
             make_gateway(settings.tracking_uri), self.metrics, CallCounter(self.metrics, prices)
         )
-        writer = Writer(
-            spool,
-            gateway,
-            prices,
-            mode=settings.mode,
-            workers=settings.workers,
-            content_bound=settings.content_bound,
-            app_version=settings.app_version,
-            max_pending_bytes=settings.max_pending_bytes,
-        )
+        writer = new_writer(settings, spool, gateway, prices)
         # The pipeline an app would have; its span processor stays idle: spans come over HTTP.
         self.pipeline = Pipeline(settings, spool, DurableSpanProcessor(spool), writer)
         self.gate = TraceGate(held_max_bytes=config.held_max_bytes)
