@@ -9,18 +9,25 @@ its circuit breaker). ``StoreGateway`` writes to a local tracking store (the emb
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import os
+import re
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from genai_mlflow import semconv as sc
+
 from .records import Offload
 
 if TYPE_CHECKING:
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import MlflowHostCreds
 
 OTLP_PATH = "/v1/traces"
@@ -31,6 +38,16 @@ REQUEST_TIMEOUT_S = 30
 DEFAULT_CONNECTIONS = 10  # kept open per gateway until a writer asks for one per worker
 # What MLflow says when a run is created in a soft-deleted experiment.
 _DELETED_EXPERIMENT = "must be in the 'active' state"
+_MISSING = "RESOURCE_DOES_NOT_EXIST"
+# MLflow's prompt tags (mlflow/prompt/constants.py): every prompt version carries both.
+_IS_PROMPT = "mlflow.prompt.is_prompt"
+_PROMPT_TEXT = "mlflow.prompt.text"
+_PROMPT_NAME = re.compile(r"^[a-zA-Z0-9_.-]+$")  # PROMPT_NAME_RULE
+_PROMPT_EXPERIMENTS = "_mlflow_experiment_ids"  # ",0,1,": the experiments whose Prompts tab lists it
+_MODEL_ID = "mlflow.modelId"  # the trace metadata that links a trace to a LoggedModel
+_MODEL_TYPE = "genai_app"
+_MODEL_NAME_CHARS = 100
+_NEWEST_FIRST = [{"field_name": "creation_timestamp", "ascending": False}]
 
 
 class GatewayError(RuntimeError):
@@ -60,6 +77,19 @@ class Gateway(Protocol):
     ) -> None: ...
     def upload(self, run_id: str, offloads: Sequence[Offload]) -> None: ...
     def artifact_uri(self, run_id: str, path: str) -> str: ...
+    def prompt_version_exists(self, name: str, version: str) -> bool: ...
+    def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None: ...
+    def add_prompt_experiment(self, name: str, experiment_id: str) -> None: ...
+    def logged_model_id(self, experiment_id: str, app_version: str) -> str: ...
+    def link_trace_to_model(
+        self,
+        experiment_id: str,
+        trace_id: str,
+        request_time_ms: int,
+        duration_ms: int,
+        state: str,
+        model_id: str,
+    ) -> None: ...
 
 
 def make_gateway(tracking_uri: str) -> Gateway:
@@ -71,7 +101,8 @@ def make_gateway(tracking_uri: str) -> Gateway:
 class _ExperimentCache:
     """Experiment ids by name, each looked up once: the workers that meet a new name while its
     lookup runs wait for it, rather than each asking MLflow (every persona's experiment is new at
-    midnight UTC)."""
+    midnight UTC). LoggedModel ids by experiment and app version too, so that a process creates
+    one model per version, not one per worker that meets it first."""
 
     def __init__(self) -> None:
         self._ids: dict[str, str] = {}
@@ -191,6 +222,7 @@ class RestGateway:
         self._client = _Client.for_creds(self._creds)  # None: MLflow's http_request, per request
         self._workspace_header = _workspace_header()
         self._experiments = _ExperimentCache()
+        self._models = _ExperimentCache()
 
     def reserve_connections(self, connections: int) -> None:
         """Keep this many connections open (the writer's workers), so that no request waits for
@@ -331,6 +363,83 @@ class RestGateway:
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"runs:/{run_id}/{path}"
 
+    def prompt_version_exists(self, name: str, version: str) -> bool:
+        if not _could_be_prompt_version(name, version):
+            return False
+        try:
+            found = self._api("GET", "model-versions/get", params={"name": name, "version": version})
+        except GatewayError as exc:
+            if _MISSING not in str(exc):
+                raise
+            return False
+        tags = (found or {}).get("model_version", {}).get("tags") or []
+        return _is_prompt_version({tag["key"]: tag.get("value", "") for tag in tags})
+
+    def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None:
+        versions = [{"name": name, "version": version} for name, version in _prompt_versions(prompts)]
+        if versions:
+            body = {"trace_id": _mlflow_trace_id(trace_id), "prompt_versions": versions}
+            self._api("POST", "traces/link-prompts", json=body)
+
+    def add_prompt_experiment(self, name: str, experiment_id: str) -> None:
+        found = self._api("GET", "registered-models/get", params={"name": name})
+        tags = {tag["key"]: tag.get("value", "") for tag in found["registered_model"].get("tags") or []}
+        value = _with_experiment(tags.get(_PROMPT_EXPERIMENTS, ""), experiment_id)
+        if value is not None:
+            body = {"name": name, "key": _PROMPT_EXPERIMENTS, "value": value}
+            self._api("POST", "registered-models/set-tag", json=body)
+
+    def logged_model_id(self, experiment_id: str, app_version: str) -> str:
+        return self._models.get(
+            f"{experiment_id}/{app_version}", lambda: self._find_or_create_model(experiment_id, app_version)
+        )
+
+    def _find_or_create_model(self, experiment_id: str, app_version: str) -> str:
+        search = {
+            "experiment_ids": [experiment_id],
+            "filter": _version_filter(app_version),
+            "max_results": 1,
+            "order_by": _NEWEST_FIRST,
+        }
+        models = (self._api("POST", "logged-models/search", json=search) or {}).get("models") or []
+        if models:
+            info = models[0]["info"]
+        else:
+            create = {
+                "experiment_id": experiment_id,
+                "name": _model_name(app_version),
+                "model_type": _MODEL_TYPE,
+                "tags": [{"key": sc.GENAI_MLFLOW_APP_VERSION, "value": app_version}],
+            }
+            info = self._api("POST", "logged-models", json=create)["model"]["info"]
+        model_id = str(info["model_id"])
+        if info.get("status") != "LOGGED_MODEL_READY":  # also one whose creator stopped short of it
+            ready = {"model_id": model_id, "status": "LOGGED_MODEL_READY"}
+            self._api("PATCH", f"logged-models/{model_id}", json=ready)
+        return model_id
+
+    def link_trace_to_model(
+        self,
+        experiment_id: str,
+        trace_id: str,
+        request_time_ms: int,
+        duration_ms: int,
+        state: str,
+        model_id: str,
+    ) -> None:
+        trace_info = {
+            "trace_id": _mlflow_trace_id(trace_id),
+            "trace_location": {
+                "type": "MLFLOW_EXPERIMENT",
+                "mlflow_experiment": {"experiment_id": experiment_id},
+            },
+            "request_time": _timestamp_json(request_time_ms),
+            "execution_duration": _duration_json(duration_ms),
+            "state": state,
+            "trace_metadata": {_MODEL_ID: model_id},
+        }
+        self._call("POST", "/api/3.0/mlflow/traces", json={"trace": {"trace_info": trace_info}})
+
 
 class StoreGateway:
     """The embedded store: MLflow's store API in this process, as the server would call it."""
@@ -341,6 +450,7 @@ class StoreGateway:
         self.tracking_uri = tracking_uri
         self._store = _get_store(tracking_uri)
         self._experiments = _ExperimentCache()
+        self._models = _ExperimentCache()
         self._lock = threading.Lock()  # sqlite takes one writer at a time
 
     def experiment_id(self, name: str, tags: dict[str, str]) -> str:
@@ -442,6 +552,93 @@ class StoreGateway:
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"runs:/{run_id}/{path}"
 
+    @cached_property
+    def _registry(self) -> Any:
+        """The model registry store for the same URI (the Prompt Registry lives there)."""
+        from mlflow.tracking._model_registry.utils import _get_store
+
+        return _get_store(self.tracking_uri)
+
+    def prompt_version_exists(self, name: str, version: str) -> bool:
+        if not _could_be_prompt_version(name, version):
+            return False
+        try:
+            with self._lock, _store_errors():
+                found = self._registry.get_model_version(name, version)
+        except GatewayError as exc:
+            if _MISSING not in str(exc):
+                raise
+            return False
+        return _is_prompt_version(found.tags)
+
+    def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None:
+        from mlflow.entities.model_registry import PromptVersion
+
+        versions = [
+            PromptVersion(name, int(version), template="")  # type: ignore[abstract]  # as MLflow's handler
+            for name, version in _prompt_versions(prompts)
+        ]
+        if versions:
+            with self._lock, _store_errors():
+                self._store.link_prompts_to_trace(_mlflow_trace_id(trace_id), versions)
+
+    def add_prompt_experiment(self, name: str, experiment_id: str) -> None:
+        from mlflow.entities.model_registry import RegisteredModelTag
+
+        with self._lock, _store_errors():
+            model = self._registry.get_registered_model(name)
+            value = _with_experiment(model.tags.get(_PROMPT_EXPERIMENTS, ""), experiment_id)
+            if value is not None:
+                self._registry.set_registered_model_tag(name, RegisteredModelTag(_PROMPT_EXPERIMENTS, value))
+
+    def logged_model_id(self, experiment_id: str, app_version: str) -> str:
+        return self._models.get(
+            f"{experiment_id}/{app_version}", lambda: self._find_or_create_model(experiment_id, app_version)
+        )
+
+    def _find_or_create_model(self, experiment_id: str, app_version: str) -> str:
+        from mlflow.entities import LoggedModelStatus, LoggedModelTag
+
+        with self._lock, _store_errors():
+            found = self._store.search_logged_models(
+                [experiment_id], _version_filter(app_version), max_results=1, order_by=_NEWEST_FIRST
+            )
+            model = (
+                found[0]
+                if found
+                else self._store.create_logged_model(
+                    experiment_id,
+                    _model_name(app_version),
+                    tags=[LoggedModelTag(sc.GENAI_MLFLOW_APP_VERSION, app_version)],
+                    model_type=_MODEL_TYPE,
+                )
+            )
+            if model.status != LoggedModelStatus.READY:  # also one whose creator stopped short of it
+                self._store.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return str(model.model_id)
+
+    def link_trace_to_model(
+        self,
+        experiment_id: str,
+        trace_id: str,
+        request_time_ms: int,
+        duration_ms: int,
+        state: str,
+        model_id: str,
+    ) -> None:
+        from mlflow.entities import TraceInfo, TraceLocation, TraceState
+
+        trace_info = TraceInfo(
+            trace_id=_mlflow_trace_id(trace_id),
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            request_time=request_time_ms,
+            execution_duration=duration_ms,
+            state=TraceState(state),
+            trace_metadata={_MODEL_ID: model_id},
+        )
+        with self._lock, _store_errors():
+            self._store.start_trace(trace_info)
+
 
 def _upload(tracking_uri: str, run_id: str, offloads: Sequence[Offload]) -> None:
     from mlflow import MlflowClient
@@ -452,3 +649,89 @@ def _upload(tracking_uri: str, run_id: str, offloads: Sequence[Offload]) -> None
             client.log_text(run_id, offload.content, offload.artifact_path)
         except Exception as exc:
             raise GatewayError(f"uploading {offload.artifact_path} to run {run_id}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# What both gateways share: pure functions, no I/O
+
+
+def _is_integer(version: str) -> bool:
+    return version.isascii() and version.isdigit()
+
+
+def _could_be_prompt_version(name: str, version: str) -> bool:
+    """False for what the Prompt Registry cannot hold (MLflow answers 400 for some of it, not 404)."""
+    return bool(_PROMPT_NAME.match(name)) and _is_integer(version)
+
+
+def _is_prompt_version(tags: dict[str, str]) -> bool:
+    """A prompt's version, not a model's: MLflow writes both tags on every prompt version, and tells
+    them apart by the first (``ModelVersion._is_prompt``)."""
+    return tags.get(_IS_PROMPT, "").lower() == "true" or _PROMPT_TEXT in tags
+
+
+def _prompt_versions(prompts: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each (name, integer version) once: MLflow stores one row per version and rejects a repeat
+    within a request; a version that is not an integer (an alias) gets an HTML 500."""
+    versions: dict[tuple[str, str], None] = {}
+    for name, version in prompts:
+        if not _is_integer(version):
+            raise GatewayError(
+                f"prompt {name!r}: version {version!r} is not a number (resolve aliases first)",
+                retryable=False,
+            )
+        versions[(name, str(int(version)))] = None
+    return list(versions)
+
+
+def _mlflow_trace_id(trace_id: str) -> str:
+    """MLflow's id of an OpenTelemetry trace (32 hex digits)."""
+    return trace_id if trace_id.startswith("tr-") else f"tr-{trace_id}"
+
+
+def _with_experiment(experiment_ids: str, experiment_id: str) -> str | None:
+    """A prompt's ``_mlflow_experiment_ids`` with the experiment added, as ``load_prompt`` writes it
+    (",0,1,"), or None if it is there already."""
+    ids = [i.strip() for i in experiment_ids.split(",") if i.strip()]
+    if experiment_id in ids:
+        return None
+    return f",{','.join([*ids, experiment_id])},"
+
+
+def _model_name(app_version: str) -> str:
+    """A readable LoggedModel name for an app version (``v1.2.3`` → ``app-v1_2_3``): MLflow rejects
+    ``/ : . % " '`` in names. Names need not be unique; the exact version is in a tag."""
+    return "app-" + re.sub(r"[^\w+-]", "_", app_version)[:_MODEL_NAME_CHARS]
+
+
+def _version_filter(app_version: str) -> str:
+    """The LoggedModel search filter for exactly this app version. With ``=``, MLflow takes the text
+    between the quotes as is (no escapes: a ``'`` cannot be written); ``IN (...)`` reads a Python
+    literal, so ``repr`` quotes any string."""
+    return f"tags.`{sc.GENAI_MLFLOW_APP_VERSION}` IN ({app_version!r})"
+
+
+def _timestamp_json(ms: int) -> str:
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _duration_json(ms: int) -> str:
+    seconds, millis = divmod(max(ms, 0), 1000)
+    return f"{seconds}.{millis:03d}s"
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """MLflow's store errors as the server would answer them: retryable for 408, 429 and 5xx."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise _store_error(exc) from exc
+
+
+def _store_error(exc: MlflowException) -> GatewayError:
+    status = exc.get_http_status_code()
+    return GatewayError(f"{exc.error_code}: {exc.message}", retryable=status in (408, 429) or status >= 500)
