@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from genai_mlflow.context import persona, session
+from genai_mlflow.context import persona, prompt, session, variant
 from genai_mlflow.instrumentation.openai import OpenAIInstrumentor
 
 if TYPE_CHECKING:
@@ -20,7 +20,9 @@ __all__ = [
     "__version__",
     "instrument",
     "persona",
+    "prompt",
     "session",
+    "variant",
 ]
 
 # The exporter side is imported on first use, so that importing the package stays cheap.

@@ -142,6 +142,21 @@ GENAI_MLFLOW_PERSONA: Final = "genai_mlflow.persona"
 GENAI_MLFLOW_DATE: Final = "genai_mlflow.date"
 GENAI_MLFLOW_WINDOW: Final = "genai_mlflow.window"
 GENAI_MLFLOW_APP_VERSION: Final = "genai_mlflow.app_version"
+SERVICE_VERSION: Final = "service.version"  # the resource's app version, where a span has none
+
+# Prompt versions and A/B variants (span attributes, run params and trace tags; see context.py).
+# genai_mlflow.prompts lists every prompt a call used as "name/version", comma-separated, outermost
+# scope first; prompt.name and prompt.version are the innermost one's.
+GENAI_MLFLOW_PROMPTS: Final = "genai_mlflow.prompts"
+GENAI_MLFLOW_PROMPT_NAME: Final = "genai_mlflow.prompt.name"
+GENAI_MLFLOW_PROMPT_VERSION: Final = "genai_mlflow.prompt.version"
+GENAI_MLFLOW_AB_TEST: Final = "genai_mlflow.ab_test"
+GENAI_MLFLOW_VARIANT: Final = "genai_mlflow.variant"
+# Trace tags the comparison reads, since a trace's info carries no model and no time to first token.
+GENAI_MLFLOW_MODEL: Final = "genai_mlflow.model"
+GENAI_MLFLOW_TTFT_MS: Final = "genai_mlflow.ttft_ms"
+GENAI_MLFLOW_COMPARISON_OF: Final = "genai_mlflow.comparison_of"  # the persona a comparison run is about
+MLFLOW_LINKED_PROMPTS: Final = "mlflow.linkedPrompts"  # JSON [{"name", "version"}], as MLflow writes it
 GENAI_MLFLOW_PARAMS_TRUNCATED: Final = "genai_mlflow.params_truncated"
 GENAI_MLFLOW_COST_UNKNOWN_MODELS: Final = "genai_mlflow.cost_unknown_models"
 GENAI_MLFLOW_REMOTE_PARENT_SPAN_ID: Final = "genai_mlflow.remote_parent_span_id"
@@ -163,3 +178,9 @@ METRIC_LLM_CALLS: Final = "llm_calls"
 METRIC_LATENCY_MS: Final = "latency_ms"
 METRIC_TIME_TO_FIRST_TOKEN_MS: Final = "time_to_first_token_ms"
 TAG_FINISH_REASONS: Final = "finish_reasons"
+PARAM_PROMPTS: Final = "prompts"
+PARAM_PROMPT_NAME: Final = "prompt.name"
+PARAM_PROMPT_VERSION: Final = "prompt.version"
+PARAM_AB_TEST: Final = "ab_test"
+PARAM_VARIANT: Final = "variant"
+PARAM_APP_VERSION: Final = "app_version"

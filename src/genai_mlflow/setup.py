@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
+from genai_mlflow import registry_hook
 from genai_mlflow.config import Settings, is_disabled, resolve_capture_content
 from genai_mlflow.exporter.gateway import Gateway, make_gateway
 from genai_mlflow.exporter.pricing import PriceTable
@@ -112,7 +113,6 @@ def new_writer(
         mode=settings.mode,
         workers=settings.workers,
         content_bound=settings.content_bound,
-        app_version=settings.app_version,
         max_pending_bytes=settings.max_pending_bytes,
     )
 
@@ -136,6 +136,7 @@ def attach(pipeline: Pipeline, provider: TracerProvider) -> None:
         # LLM spans are finished off the app's thread from now on: this pipeline drains them
         # at flush, shutdown and exit.
         FINISHER.enabled = True
+    registry_hook.install()
 
 
 def sdk_tracer_provider() -> TracerProvider:
@@ -225,6 +226,7 @@ def instrument(
             capture_content=resolve_capture_content(capture_content, default=True),
             redact=redact,
             max_value_bytes=settings.max_value_bytes,
+            app_version=settings.app_version,
         )
         _current.handle = Handle(pipeline, arguments)
         return _current.handle

@@ -54,6 +54,12 @@ _PARAM_ORDER = (
     sc.PARAM_MODEL,
     sc.PARAM_PROVIDER,
     sc.PARAM_OPERATION,
+    sc.PARAM_PROMPTS,
+    sc.PARAM_PROMPT_NAME,
+    sc.PARAM_PROMPT_VERSION,
+    sc.PARAM_AB_TEST,
+    sc.PARAM_VARIANT,
+    sc.PARAM_APP_VERSION,
     *(
         sc.PARAM_REQUEST_PREFIX + name
         for name in (
@@ -81,6 +87,22 @@ _UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _BIDI_CONTROLS = frozenset({"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"})
 _ZWJ = "\u200d"
+# A trace's labels (see context.py) and the run params they become.
+_LABEL_PARAMS = {
+    sc.GENAI_MLFLOW_PROMPTS: sc.PARAM_PROMPTS,
+    sc.GENAI_MLFLOW_PROMPT_NAME: sc.PARAM_PROMPT_NAME,
+    sc.GENAI_MLFLOW_PROMPT_VERSION: sc.PARAM_PROMPT_VERSION,
+    sc.GENAI_MLFLOW_AB_TEST: sc.PARAM_AB_TEST,
+    sc.GENAI_MLFLOW_VARIANT: sc.PARAM_VARIANT,
+    sc.GENAI_MLFLOW_APP_VERSION: sc.PARAM_APP_VERSION,
+}
+
+# Whether a prompt version (name, version) is in MLflow's Prompt Registry, so that links to it resolve.
+Registered = Callable[[str, str], bool]
+
+
+def _none_registered(name: str, version: str) -> bool:
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,15 +515,23 @@ class RunRecord:
     status: str  # "FINISHED" or "FAILED"
 
 
-def run_record(trace: LocalTrace, prices: PriceTable) -> RunRecord:
+def run_record(trace: LocalTrace, prices: PriceTable, registered: Registered = _none_registered) -> RunRecord:
     """The run of a local trace (mode ``call``). An incomplete trace hangs from its earliest orphan."""
     top = trace.top
     persona = trace_persona(trace)
     day = _utc(top.start_time_unix_nano).date()
     calls = _calls(trace, prices)
-    params, dropped = _run_params(calls)
+    labels = trace_labels(trace, calls)
+    label_params = {_LABEL_PARAMS[k]: v for k, v in labels.items() if k in _LABEL_PARAMS}
+    params, dropped = _run_params(calls, label_params)
     run_name = _cut(top.name, MAX_RUN_NAME_CHARS) or trace.trace_id_hex
     tags = _run_tags(trace, calls, persona, run_name)
+    app_version = labels.get(sc.GENAI_MLFLOW_APP_VERSION)
+    if app_version:
+        tags[sc.GENAI_MLFLOW_APP_VERSION] = _cut(app_version, MAX_TAG_VALUE_CHARS)
+    linked = linked_prompts(labels, registered)
+    if linked:
+        tags[sc.MLFLOW_LINKED_PROMPTS] = linked_prompts_json(linked)
     if dropped:
         tags[sc.GENAI_MLFLOW_PARAMS_TRUNCATED] = str(dropped)
     unknown = _dedupe((c.model or UNKNOWN_MODEL) for c in calls if c.cost is None)
@@ -522,20 +552,95 @@ def run_record(trace: LocalTrace, prices: PriceTable) -> RunRecord:
     )
 
 
-def _run_params(calls: Sequence[_Call]) -> tuple[dict[str, str], int]:
-    """Params every call shares (``mixed`` where they differ), most useful first, at most 100;
-    also how many were dropped."""
+def trace_links(trace: LocalTrace, prices: PriceTable, registered: Registered) -> TraceLinks:
+    """What a landed trace is linked to, besides its run."""
+    top = trace.top
+    labels = trace_labels(trace, _calls(trace, prices))
+    start_ms = top.start_time_unix_nano // _NS_PER_MS
+    end_ms = max(top.end_time_unix_nano, top.start_time_unix_nano) // _NS_PER_MS
+    failed = top.status.code == Status.STATUS_CODE_ERROR
+    return TraceLinks(
+        trace_id=trace.trace_id_hex,
+        prompts=tuple(linked_prompts(labels, registered)),
+        app_version=labels.get(sc.GENAI_MLFLOW_APP_VERSION),
+        timing=(start_ms, end_ms - start_ms, "ERROR" if failed else "OK"),
+    )
+
+
+@dataclass(frozen=True)
+class TraceLinks:
+    trace_id: str  # 32 hex
+    prompts: tuple[tuple[str, str], ...]  # registered (name, version) pairs
+    app_version: str | None  # "mixed" where its calls differ
+    timing: tuple[int, int, str]  # start (ms), duration (ms), "OK" or "ERROR", as MLflow has them
+
+
+def _run_params(calls: Sequence[_Call], labels: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    """Params every call shares (``mixed`` where they differ) and the trace's labels, most useful
+    first, at most 100; also how many were dropped."""
     per_call = [_call_params(c) for c in calls]
     keys = list(dict.fromkeys(k for params in per_call for k in params))
     shared: dict[str, str] = {}
     for key in keys:
-        values = {params.get(key) for params in per_call}
-        value = values.pop() if len(values) == 1 else None
-        # A param some calls lack differs too: the one value would misdescribe them.
-        shared[key] = value if value is not None else sc.PARAM_MIXED
+        shared[key] = _shared([params.get(key) for params in per_call]) or sc.PARAM_MIXED
+    shared.update((key, _param_value(value)) for key, value in labels.items())
     ordered = sorted(shared, key=lambda k: (_PARAM_RANK.get(k, len(_PARAM_RANK)), k))
     kept = ordered[:MAX_PARAMS]
     return {k: shared[k] for k in kept}, len(ordered) - len(kept)
+
+
+def _shared(values: Sequence[str | None]) -> str | None:
+    """The one value all share; ``mixed`` where they differ, including where some lack it (the
+    one value would misdescribe those); None where none has one."""
+    distinct = set(values)
+    if distinct == {None}:
+        return None
+    return distinct.pop() if len(distinct) == 1 else sc.PARAM_MIXED
+
+
+def trace_labels(trace: LocalTrace, calls: Sequence[_Call]) -> dict[str, str]:
+    """What the trace's LLM calls were made with, under their ``genai_mlflow.*`` keys: every prompt
+    used (``name/version``, in order of first use), and the prompt, A/B test, variant, app version
+    and requested model shared by all its calls (``mixed`` where they differ)."""
+    labels: dict[str, str] = {}
+    refs = _dedupe(ref for c in calls for ref in _text(c.attrs.get(sc.GENAI_MLFLOW_PROMPTS) or "").split(","))
+    if refs:
+        labels[sc.GENAI_MLFLOW_PROMPTS] = ",".join(refs)
+    service_version = trace.resource_attributes.get(sc.SERVICE_VERSION)
+    for key in (
+        sc.GENAI_MLFLOW_PROMPT_NAME,
+        sc.GENAI_MLFLOW_PROMPT_VERSION,
+        sc.GENAI_MLFLOW_AB_TEST,
+        sc.GENAI_MLFLOW_VARIANT,
+        sc.GENAI_MLFLOW_APP_VERSION,
+        sc.GENAI_MLFLOW_MODEL,
+    ):
+        values = []
+        for call in calls:
+            value = call.attrs.get(sc.GEN_AI_REQUEST_MODEL if key == sc.GENAI_MLFLOW_MODEL else key)
+            if value in (None, "") and key == sc.GENAI_MLFLOW_APP_VERSION:
+                value = service_version  # the app's resource says which version it is
+            values.append(None if value in (None, "") else _text(value))
+        shared = _shared(values)
+        if shared is not None:
+            labels[key] = shared
+    return labels
+
+
+def linked_prompts(labels: Mapping[str, str], registered: Registered) -> list[tuple[str, str]]:
+    """The registered prompt versions among the trace's prompts, to link it to."""
+    linked = []
+    for ref in labels.get(sc.GENAI_MLFLOW_PROMPTS, "").split(","):
+        name, _, version = ref.partition("/")
+        # The registry's versions are numbers; MLflow fails on any other link.
+        if name and version.isdigit() and registered(name, version):
+            linked.append((name, version))
+    return linked
+
+
+def linked_prompts_json(linked: Sequence[tuple[str, str]]) -> str:
+    """``mlflow.linkedPrompts``, as MLflow writes it on runs and traces."""
+    return json.dumps([{"name": name, "version": version} for name, version in linked])
 
 
 def _call_params(call: _Call) -> dict[str, str]:
@@ -589,12 +694,18 @@ def _run_metrics(top: Span, calls: Sequence[_Call]) -> dict[str, float]:
     costs = [c.cost for c in calls]
     if all(cost is not None for cost in costs):
         metrics[sc.METRIC_COST_USD] = _total_cost(costs)
+    ttft_ms = _time_to_first_token_ms(calls)
+    if ttft_ms is not None:
+        metrics[sc.METRIC_TIME_TO_FIRST_TOKEN_MS] = ttft_ms
+    return metrics
+
+
+def _time_to_first_token_ms(calls: Sequence[_Call]) -> float | None:
     for call in calls:  # by start time: the first streamed call's
         ttfc = _float(call.attrs.get(sc.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK))
         if ttfc is not None:
-            metrics[sc.METRIC_TIME_TO_FIRST_TOKEN_MS] = ttfc * 1000.0  # the span has seconds
-            break
-    return metrics
+            return ttfc * 1000.0  # the span has seconds
+    return None
 
 
 def _total_cost(costs: Iterable[Cost | None]) -> float:
@@ -652,12 +763,15 @@ class WindowPoint:
     timestamp_ms: int  # the call's end time
     metrics: dict[str, float]  # per call; no cost_usd when the model is not priced
     failed: bool
+    app_version: str | None = None
 
 
 def window_points(trace: LocalTrace, prices: PriceTable) -> list[WindowPoint]:
     persona = trace_persona(trace)
+    service_version = trace.resource_attributes.get(sc.SERVICE_VERSION)
     points = []
     for call in _calls(trace, prices):
+        version = call.attrs.get(sc.GENAI_MLFLOW_APP_VERSION) or service_version
         end = call.span.end_time_unix_nano
         hour = _utc(end).replace(minute=0, second=0, microsecond=0)
         model = call.model or UNKNOWN_MODEL
@@ -678,6 +792,7 @@ def window_points(trace: LocalTrace, prices: PriceTable) -> list[WindowPoint]:
                 timestamp_ms=end // _NS_PER_MS,
                 metrics=metrics,
                 failed=call.failed,
+                app_version=_text(version) if version else None,
             )
         )
     return points
@@ -703,6 +818,7 @@ def trace_request(
     *,
     content_bound: int = DEFAULT_CONTENT_BOUND,
     artifact_uri: Callable[[str], str] = lambda path: path,
+    registered: Registered = _none_registered,
 ) -> tuple[ExportTraceServiceRequest, list[Offload]]:
     """The traces as MLflow needs them, and the content to upload before posting them.
 
@@ -711,8 +827,9 @@ def trace_request(
     - the top span (the local root) is sent as the root: a remote parent is dropped and kept as
       ``genai_mlflow.remote_parent_span_id``; other spans whose parent is absent hang from it, so
       MLflow shows one tree;
-    - the root gets the trace tags (trace id, persona, trace name) and readable previews (see
-      ``_previews``);
+    - the root gets the trace tags (trace id, persona, trace name, the labels of ``trace_labels``
+      and the time to first token), the links to the ``registered`` prompt versions it used, and
+      readable previews (see ``_previews``);
     - each LLM span gets ``mlflow.llm.cost`` from ``prices``, as the run's ``cost_usd`` does;
     - session and user ids are cut to 250 characters, and string attributes over ``content_bound``
       UTF-8 bytes are replaced by a reference to ``artifact_uri(path)`` with a preview.
@@ -723,7 +840,7 @@ def trace_request(
         resource_spans = request.resource_spans.add()
         resource_spans.resource.attributes.extend(_small_resource_attributes(trace.resource_attributes))
         spans = resource_spans.scope_spans.add().spans
-        spans.extend(_mlflow_spans(trace, prices, content_bound, artifact_uri, offloads))
+        spans.extend(_mlflow_spans(trace, prices, content_bound, artifact_uri, offloads, registered))
     return request, offloads
 
 
@@ -741,6 +858,7 @@ def _mlflow_spans(
     content_bound: int,
     artifact_uri: Callable[[str], str],
     offloads: list[Offload],
+    registered: Registered,
 ) -> list[Span]:
     top = trace.top
     ids = trace.span_ids
@@ -762,7 +880,7 @@ def _mlflow_spans(
         if call is not None and call.cost is not None:
             attrs[sc.MLFLOW_LLM_COST] = AnyValue(string_value=json.dumps(call.cost.as_dict()))
         if span is top:
-            _add_root_attributes(attrs, trace, list(calls.values()))
+            _add_root_attributes(attrs, trace, list(calls.values()), registered)
         del copy.attributes[:]
         copy.attributes.extend(KeyValue(key=k, value=v) for k, v in attrs.items())
         out.append(copy)
@@ -808,13 +926,23 @@ def _offload(trace_hex: str, span_hex: str, key: str, value: str) -> Offload:
     return Offload(span_id=span_hex, key=key, artifact_path=path, content=value)
 
 
-def _add_root_attributes(attrs: dict[str, AnyValue], trace: LocalTrace, calls: Sequence[_Call]) -> None:
+def _add_root_attributes(
+    attrs: dict[str, AnyValue], trace: LocalTrace, calls: Sequence[_Call], registered: Registered
+) -> None:
     top = trace.top
+    labels = trace_labels(trace, calls)
     tags = {
         sc.GENAI_MLFLOW_TRACE_ID: trace.trace_id_hex,
         sc.GENAI_MLFLOW_PERSONA: trace_persona(trace),
         sc.MLFLOW_TRACE_NAME: top.name,
+        **labels,
     }
+    ttft_ms = _time_to_first_token_ms(calls)
+    if ttft_ms is not None:
+        tags[sc.GENAI_MLFLOW_TTFT_MS] = repr(ttft_ms)
+    linked = linked_prompts(labels, registered)
+    if linked:
+        tags[sc.MLFLOW_LINKED_PROMPTS] = linked_prompts_json(linked)
     for key, value in tags.items():
         attrs[sc.MLFLOW_TRACE_TAG_PREFIX + key] = AnyValue(string_value=_cut(value, MAX_TAG_VALUE_CHARS))
     if calls:

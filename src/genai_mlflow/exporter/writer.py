@@ -32,6 +32,7 @@ from genai_mlflow.throttle import Throttle
 
 from . import records
 from .gateway import Gateway, GatewayError
+from .links import Links
 from .pricing import PriceTable
 from .records import LocalTrace, WindowPoint
 from .spool import Record, RecordId, Spool
@@ -181,7 +182,6 @@ class Writer:
         mode: str = "call",
         workers: int = 8,
         content_bound: int = 16 * 1024,
-        app_version: str | None = None,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -192,8 +192,7 @@ class Writer:
         self._content_bound = content_bound
         self._max_pending_bytes = max_pending_bytes
         self._clock = clock
-        # Tagged on every run this writer makes.
-        self._extra_tags = {sc.GENAI_MLFLOW_APP_VERSION: app_version} if app_version else {}
+        self._links = Links(gateway)
         # A REST gateway keeps a connection per worker: none waits for one, none is thrown away.
         reserve_connections = getattr(gateway, "reserve_connections", None)
         if reserve_connections is not None:
@@ -226,7 +225,7 @@ class Writer:
         self._idle = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._windows = _Windows(gateway, spool, self._extra_tags)
+        self._windows = _Windows(gateway, spool, self._links)
         self._draining = False  # holds the spool's drain lock
         self._standby_s = 0.0
         self._backlog = False  # records left unread in the spool by the last drain cycle
@@ -489,7 +488,7 @@ class Writer:
     def _land_call(self, pending: _Pending) -> None:
         if not self._breaker.allow():
             raise GatewayError(_CIRCUIT_OPEN)
-        land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._extra_tags)
+        land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._links)
 
     def _land_window(self, batch: list[_Pending]) -> None:
         if not self._breaker.allow():
@@ -616,11 +615,12 @@ def land_call(
     prices: PriceTable,
     pending: _Pending,
     content_bound: int,
-    extra_tags: dict[str, str],
+    links: Links,
 ) -> None:
-    """Mode ``call``: one run per local trace, the trace linked to it; each step idempotent."""
+    """Mode ``call``: one run per local trace, the trace linked to it and to the prompt versions
+    and app version it was made with; each step idempotent."""
     trace = pending.trace
-    run = records.run_record(trace, prices)
+    run = records.run_record(trace, prices, links.registered)
     ledger_key = "trace:" + run.trace_id
     state = spool.ledger_get(ledger_key)
     run_id, _, step = (state or "").partition("|")
@@ -630,20 +630,27 @@ def land_call(
     if not run_id and (pending.replayed or pending.attempts):
         run_id = gateway.find_run(experiment_id, sc.GENAI_MLFLOW_TRACE_ID, run.trace_id) or ""
     if not run_id:
-        run_id = gateway.create_run(experiment_id, run.run_name, run.start_ms, {**run.tags, **extra_tags})
+        run_id = gateway.create_run(experiment_id, run.run_name, run.start_ms, run.tags)
         spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_CREATED}")
     request, offloads = records.trace_request(
         [trace],
         prices,
         content_bound=content_bound,
         artifact_uri=lambda path: gateway.artifact_uri(run_id, path),
+        registered=links.registered,
     )
     if offloads:
         gateway.upload(run_id, offloads)
     gateway.post_traces(experiment_id, run_id, request)
+    _link(links, experiment_id, records.trace_links(trace, prices, links.registered))
     gateway.log_batch(run_id, run.params, [(k, v, run.end_ms, 0) for k, v in run.metrics.items()], {})
     gateway.end_run(run_id, run.status, run.end_ms)
     spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_DONE}")
+
+
+def _link(links: Links, experiment_id: str, trace: records.TraceLinks) -> None:
+    links.link_prompts(experiment_id, trace.trace_id, trace.prompts)
+    links.link_model(experiment_id, trace.trace_id, trace.app_version, trace.timing)
 
 
 @dataclass(frozen=True)
@@ -667,10 +674,10 @@ class _Windows:
     value MLflow shows is the one at the highest step, so it is exact whatever order batches land in.
     """
 
-    def __init__(self, gateway: Gateway, spool: Spool, extra_tags: dict[str, str]) -> None:
+    def __init__(self, gateway: Gateway, spool: Spool, links: Links) -> None:
         self._gateway = gateway
         self._spool = spool
-        self._extra_tags = extra_tags
+        self._links = links
         self._lock = threading.Lock()
         self._runs: dict[str, tuple[str, str]] = {}  # key -> (experiment id, run id)
         self._steps: dict[str, int] = {}
@@ -744,7 +751,9 @@ class _Windows:
                 sc.GENAI_MLFLOW_WINDOW: point.key,
                 sc.GENAI_MLFLOW_PERSONA: point.persona,
                 "model": point.model,
-                **self._extra_tags,
+                # The version of the window's first call (a window may span a deployment; each
+                # trace carries its own).
+                **({sc.GENAI_MLFLOW_APP_VERSION: point.app_version} if point.app_version else {}),
             },
         )
         self._runs[point.key] = (experiment_id, run_id)
@@ -759,16 +768,21 @@ class _Windows:
         prices: PriceTable,
         content_bound: int,
     ) -> None:
+        registered = self._links.registered
         for start in range(0, len(traces), MAX_TRACES_PER_REQUEST):
+            chunk = traces[start : start + MAX_TRACES_PER_REQUEST]
             request, offloads = records.trace_request(
-                traces[start : start + MAX_TRACES_PER_REQUEST],
+                chunk,
                 prices,
                 content_bound=content_bound,
                 artifact_uri=lambda path: self._gateway.artifact_uri(run_id, path),
+                registered=registered,
             )
             if offloads:
                 self._gateway.upload(run_id, offloads)
             self._gateway.post_traces(experiment_id, run_id, request)
+            for trace in chunk:
+                _link(self._links, experiment_id, records.trace_links(trace, prices, registered))
         metrics = [row for step in steps for row in step.rows]
         metrics.extend(max(steps, key=lambda s: s.step).sums)
         for start in range(0, len(metrics), 1000):

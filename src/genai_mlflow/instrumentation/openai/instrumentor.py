@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -14,7 +15,8 @@ from opentelemetry.metrics import get_meter
 from opentelemetry.trace import get_tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
-from genai_mlflow.config import resolve_capture_content
+from genai_mlflow import semconv as sc
+from genai_mlflow.config import ENV_APP_VERSION, resolve_capture_content
 
 from .attributes import DEFAULT_MAX_VALUE_BYTES, ContentPolicy
 from .call import Instruments
@@ -68,7 +70,8 @@ class OpenAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     ``instrument()`` takes ``tracer_provider``, ``meter_provider``, ``capture_content`` (overrides
     ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; off by default), ``redact`` (a function
-    applied to every text before it goes on a span) and ``max_value_bytes`` (per attribute value).
+    applied to every text before it goes on a span), ``max_value_bytes`` (per attribute value) and
+    ``app_version`` (put on every span; default ``GENAI_MLFLOW_APP_VERSION``).
     """
 
     _warned_other = False
@@ -89,7 +92,9 @@ class OpenAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )
         tracer = get_tracer(__name__, __version__, kwargs.get("tracer_provider"), schema_url=_SCHEMA_URL)
         meter = get_meter(__name__, __version__, kwargs.get("meter_provider"), schema_url=_SCHEMA_URL)
-        tracing = Tracing(tracer, Instruments.create(meter), policy, _not_given_types(), FINISHER)
+        app_version = kwargs.get("app_version") or os.environ.get(ENV_APP_VERSION)
+        constant = {sc.GENAI_MLFLOW_APP_VERSION: str(app_version)} if app_version else {}
+        tracing = Tracing(tracer, Instruments.create(meter), policy, _not_given_types(), FINISHER, constant)
         self._warn_if_traced_twice()
         self._patched, self._views = [], []
         for endpoint in _endpoints():

@@ -21,7 +21,7 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Tracer, set_span_in_context
 
 from genai_mlflow import semconv as sc
-from genai_mlflow.context import note_llm_call
+from genai_mlflow.context import current_loaded_prompts, note_llm_call
 
 from . import attributes as attrs
 from .attributes import NO_CONTENT, Attributes, ContentPolicy
@@ -43,7 +43,16 @@ RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
 # (parse -> create in some client versions) makes one span, not two.
 _IN_CALL: ContextVar[bool] = ContextVar("genai_mlflow_in_llm_call", default=False)
 _API_TYPES = {"chat": "chat_completions", "responses": "responses"}
-_BAGGAGE_KEYS = (sc.GEN_AI_AGENT_NAME, sc.GEN_AI_CONVERSATION_ID, sc.USER_ID)
+_BAGGAGE_KEYS = (
+    sc.GEN_AI_AGENT_NAME,
+    sc.GEN_AI_CONVERSATION_ID,
+    sc.USER_ID,
+    sc.GENAI_MLFLOW_PROMPTS,
+    sc.GENAI_MLFLOW_PROMPT_NAME,
+    sc.GENAI_MLFLOW_PROMPT_VERSION,
+    sc.GENAI_MLFLOW_AB_TEST,
+    sc.GENAI_MLFLOW_VARIANT,
+)
 _CONTENT_KEYS = ("messages", "input", "instructions", "prompt", "tools")
 
 
@@ -157,12 +166,14 @@ class Tracing:
         policy: ContentPolicy,
         not_given: tuple[type, ...],
         finisher: Finisher,
+        constant: Attributes | None = None,
     ) -> None:
         self.tracer = tracer
         self.instruments = instruments
         self.policy = policy
         self.not_given = not_given
         self.finisher = finisher
+        self.constant = constant or {}  # on every span, e.g. the app's version
 
     def start(self, endpoint: Endpoint, instance: Any, kwargs: Mapping[str, Any]) -> LLMCall:
         provider, server = _server(instance)
@@ -171,12 +182,16 @@ class Tracing:
         api_type = _API_TYPES.get(endpoint.kind)
         if api_type:
             attributes[sc.OPENAI_API_TYPE] = api_type
+        attributes.update(self.constant)
         entries = baggage.get_all()
         if entries:
             for key in _BAGGAGE_KEYS:
                 value = entries.get(key)
                 if isinstance(value, str) and value:
                     attributes[key] = value
+        loads = current_loaded_prompts()
+        if loads:
+            _add_loaded_prompts(attributes, loads)
         model = attributes.get(sc.GEN_AI_REQUEST_MODEL)
         name = f"{endpoint.operation} {model}" if model else endpoint.operation
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
@@ -203,6 +218,19 @@ class Tracing:
         parsed = result.parse() if raw == "raw" else result
         call.end(partial(summarise, kind, parsed, policy))
         return result
+
+
+def _add_loaded_prompts(attributes: Attributes, loads: tuple[str, ...]) -> None:
+    """Prompts loaded from the registry join those of ``prompt()`` scopes; the latest load names
+    the call's prompt where no scope did."""
+    given = attributes.get(sc.GENAI_MLFLOW_PROMPTS)
+    refs = str(given).split(",") if given else []
+    refs += [ref for ref in loads if ref not in refs]
+    attributes[sc.GENAI_MLFLOW_PROMPTS] = ",".join(refs)
+    if sc.GENAI_MLFLOW_PROMPT_NAME not in attributes:
+        name, _, version = loads[-1].partition("/")
+        attributes[sc.GENAI_MLFLOW_PROMPT_NAME] = name
+        attributes[sc.GENAI_MLFLOW_PROMPT_VERSION] = version
 
 
 def _raw_mode(kwargs: Mapping[str, Any]) -> str | None:
