@@ -70,10 +70,10 @@ def test_protobuf_export_lands_in_the_persona_experiment(collector: CollectorPro
     assert collector.metric("genai_tokens_total", persona=persona, model="gpt-4o-mini", type="output") == 60
     assert collector.metric("genai_cost_usd_total", persona=persona, model="gpt-4o-mini") > 0
     assert collector.metric("genai_call_duration_seconds_count", persona=persona, model="gpt-4o-mini") == 3
-    requests = "genai_collector_mlflow_request_duration_seconds_count"
-    assert collector.metric(requests, operation="create_run") >= 3
-    assert collector.metric(requests, operation="post_traces") >= 1  # the three may share a request
-    assert collector.metric(requests, operation="link_trace_to_run") >= 3
+    assert (
+        collector.metric("genai_collector_mlflow_request_duration_seconds_count", operation="post_traces")
+        >= 3
+    )
 
 
 def test_protobuf_partial_success_counts_invalid_spans_and_lands_the_rest(

@@ -99,11 +99,9 @@ class FakeGateway:
         self.lock = threading.Lock()
         self.post_s = post_s
         self.fail_posts = 0  # fail this many post_traces calls, then succeed
-        self.refuse: GatewayError | None = None  # raised by every create_run and post_traces call
+        self.refuse: GatewayError | None = None  # raised by every post_traces call
         self.calls: list[str] = []
-        self.posted: dict[str, list[str]] = {}  # run id ("" for none) -> trace ids (hex), as posted
-        self.linked: dict[str, str] = {}  # trace id (hex) -> run id, from link_trace_to_run
-        self.poison: set[str] = set()  # trace ids (hex) that make a post_traces request fail for good
+        self.posted: dict[str, list[str]] = {}  # run id -> trace ids (hex), as posted
         self.metrics: dict[str, list[tuple[str, float, int, int]]] = {}  # run id -> rows
         self.posts_in_flight = 0
         self.most_posts_in_flight = 0
@@ -123,8 +121,6 @@ class FakeGateway:
 
     def create_run(self, experiment_id: str, name: str, start_ms: int, tags: dict[str, str]) -> str:
         self._record("create_run")
-        if self.refuse is not None:
-            raise self.refuse
         with self.lock:
             self._runs += 1
             return f"run-{self._runs}"
@@ -161,35 +157,17 @@ class FakeGateway:
             if fail:
                 raise GatewayError("POST /v1/traces answered 503: try again")
             trace_ids = [rs.scope_spans[0].spans[0].trace_id.hex() for rs in request.resource_spans]
-            if self.poison & set(trace_ids):
-                raise GatewayError("POST /v1/traces answered 400: a span MLflow cannot read", retryable=False)
             with self.lock:
                 self.posted.setdefault(run_id or "", []).extend(trace_ids)
         finally:
             with self.lock:
                 self.posts_in_flight -= 1
 
-    def link_trace_to_run(self, trace_id: str, run_id: str) -> None:
-        self._record("link_trace_to_run")
-        with self.lock:
-            self.linked[trace_id] = run_id
-
-    def traces_posted(self) -> list[str]:
-        with self.lock:
-            return [trace_id for trace_ids in self.posted.values() for trace_id in trace_ids]
-
     def upload(self, run_id: str, offloads: Any) -> None:
         self._record("upload")
 
     def artifact_uri(self, run_id: str, path: str) -> str:
         return f"runs:/{run_id}/{path}"
-
-
-@pytest.fixture(autouse=True)
-def no_linger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mode call posts a staged trace as soon as it is staged, unless a test says otherwise: the
-    tests drive the drain cycles themselves, and count requests per trace."""
-    monkeypatch.setattr(writer, "CALL_LINGER_S", 0.0)
 
 
 @pytest.fixture
@@ -286,17 +264,12 @@ def test_a_large_backlog_is_dispatched_without_rescanning_what_waits(
         clock.now += 1.0
     assert looked_at[0] == 0  # the rescan looked at all 3,000 waiting traces on each of the 50 wakes
     assert settled(w)
-    posted = gateway.traces_posted()
-    assert len(posted) == len(set(posted)) == ready  # each dispatched once
-    assert gateway.count("create_run") == ready
+    assert gateway.count("post_traces") == ready  # each dispatched once
 
     clock.now += writer.ORPHAN_AFTER_S
     w._drain_once()
     wait_until(lambda: w.landed == ready + waiting, "the orphans")
-    posted = gateway.traces_posted()
-    assert len(posted) == len(set(posted)) == ready + waiting
-    assert set(gateway.linked) == set(posted)  # each linked to a run of its own
-    assert len(set(gateway.linked.values())) == len(posted)
+    assert gateway.count("post_traces") == ready + waiting
 
 
 def test_an_incomplete_trace_waits_for_its_root_until_it_counts_as_an_orphan(
@@ -503,9 +476,7 @@ def test_flush_just_after_start_says_at_once_that_a_trace_was_given_up(
     """flush() before the drain thread has taken the drain lock waited for the spool to empty,
     which a trace given up on (kept in the spool) never lets happen: False, but at the timeout."""
     gateway = FakeGateway()
-    gateway.refuse = GatewayError(
-        "POST /api/2.0/mlflow/runs/create answered 403: PERMISSION_DENIED", retryable=False
-    )
+    gateway.refuse = GatewayError("POST /v1/traces answered 403: PERMISSION_DENIED", retryable=False)
     spool.append(call_payload(end_ns=this_hour_ns(1)))
     w = Writer(spool, gateway, PRICES)
     w.start(standby_s=standby_s)
@@ -516,7 +487,7 @@ def test_flush_just_after_start_says_at_once_that_a_trace_was_given_up(
     finally:
         w.shutdown(0.1)
     assert elapsed < 5, f"flush() waited {elapsed:.1f}s for a trace the writer had given up on"
-    assert gateway.count("create_run") == 1  # tried once, not retried
+    assert gateway.count("post_traces") == 1
 
 
 @pytest.mark.parametrize(
@@ -556,124 +527,6 @@ def test_traces_given_up_are_logged_once_in_a_while_with_the_server_and_a_fix(
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(lines) == 2
     assert "4 more trace(s) given up since the last such message" in lines[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Mode call: runs one by one, spans together
-
-
-def staged(w: Writer, count: int) -> bool:
-    with w._lock:
-        return sum(len(waiting) for waiting in w._posting.values()) == count
-
-
-def test_call_mode_posts_an_experiments_traces_together_each_linked_to_its_own_run(
-    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(writer, "CALL_LINGER_S", 5.0)
-    gateway = FakeGateway()
-    clock = Clock()
-    w = make_writer(gateway, clock=clock)
-    payloads = [call_payload(end_ns=this_hour_ns(i)) for i in range(30)]
-    for payload in payloads:
-        spool.append(payload)
-    w._drain_once()
-    wait_until(lambda: staged(w, 30), "every run to be written")
-    # Each run is finished before its spans go; the link to the run follows the spans.
-    assert gateway.count("create_run") == gateway.count("end_run") == 30
-    assert gateway.count("link_trace_to_run") == 0
-    assert gateway.count("post_traces") == 0
-    clock.now += 4.0
-    w._drain_once()
-    assert gateway.count("post_traces") == 0  # still lingering for more
-
-    clock.now += 1.0
-    w._drain_once()
-    wait_until(lambda: w.landed == 30, "the traces")
-    assert gateway.count("post_traces") == 1
-    assert sorted(gateway.posted[""]) == sorted(span_trace_id(p) for p in payloads)  # no run header
-    assert {gateway.linked[span_trace_id(p)] for p in payloads} == {f"run-{i}" for i in range(1, 31)}
-    assert all(
-        spool.ledger_get(
-            f"trace:{span_trace_id(p)}",
-        ).endswith("|done")
-        for p in payloads
-    )  # type: ignore[union-attr]
-
-
-def test_a_flush_posts_what_lingers_at_once(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writer, "CALL_LINGER_S", 60.0)
-    gateway = FakeGateway()
-    w = Writer(spool, gateway, PRICES)
-    w.start()
-    try:
-        for i in range(3):
-            spool.append(call_payload(end_ns=this_hour_ns(i)))
-        w.wake()
-        started = time.monotonic()
-        assert w.flush(10)
-        assert time.monotonic() - started < 5
-    finally:
-        w.shutdown(1)
-    assert len(gateway.traces_posted()) == 3
-
-
-def test_a_refused_request_does_not_sink_its_other_traces(
-    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """MLflow refuses a request for one bad trace: the others go again, each alone, and land; only
-    the bad one is given up. No run is made twice."""
-    monkeypatch.setattr(writer, "CALL_LINGER_S", 5.0)
-    monkeypatch.setattr(writer, "backoff", lambda attempt: 0.0)
-    gateway = FakeGateway()
-    clock = Clock()
-    w = make_writer(gateway, clock=clock)
-    payloads = [call_payload(end_ns=this_hour_ns(i)) for i in range(8)]
-    gateway.poison = {span_trace_id(payloads[3])}
-    for payload in payloads:
-        spool.append(payload)
-    w._drain_once()
-    wait_until(lambda: staged(w, 8), "every run to be written")
-    clock.now += 5.0
-    for _ in range(200):
-        w._drain_once()
-        clock.now += 5.0
-        if w.landed == 7 and w.failed == 1 and settled(w):
-            break
-        time.sleep(0.01)
-    assert (w.landed, w.failed) == (7, 1)
-    assert sorted(gateway.traces_posted()) == sorted(
-        span_trace_id(p) for i, p in enumerate(payloads) if i != 3
-    )
-    assert gateway.count("create_run") == gateway.count("log_batch") == gateway.count("end_run") == 8
-
-
-def test_a_trace_staged_before_a_crash_is_posted_on_replay_without_a_second_run(
-    spool: Spool, make_writer: Callable[..., Writer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(writer, "CALL_LINGER_S", 60.0)
-    gateway = FakeGateway()
-    w = make_writer(gateway, clock=Clock())
-    payload = call_payload(end_ns=this_hour_ns(1))
-    spool.append(payload)
-    w._drain_once()
-    wait_until(lambda: staged(w, 1), "the run to be written")
-    trace_id = span_trace_id(payload)
-    assert spool.ledger_get(f"trace:{trace_id}") == "run-1|ran"
-
-    # The process dies here: the spans were never posted, the record never committed.
-    spool.release_drain_lock()
-    with Spool(str(tmp_path / "spool")) as after:
-        assert after.acquire_drain_lock()
-        monkeypatch.setattr(writer, "CALL_LINGER_S", 0.0)
-        again = Writer(after, gateway, PRICES)
-        try:
-            again._drain_once()
-            wait_until(lambda: again.landed == 1, "the replay")
-        finally:
-            again.shutdown(0.1)
-    assert gateway.traces_posted() == [trace_id]
-    assert (gateway.count("create_run"), gateway.count("log_batch"), gateway.count("end_run")) == (1, 1, 1)
 
 
 def test_shutdown_just_after_start_lands_what_is_spooled(spool: Spool) -> None:

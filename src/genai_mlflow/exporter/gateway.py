@@ -78,7 +78,6 @@ class Gateway(Protocol):
     def upload(self, run_id: str, offloads: Sequence[Offload]) -> None: ...
     def artifact_uri(self, run_id: str, path: str) -> str: ...
     def prompt_version_exists(self, name: str, version: str) -> bool: ...
-    def link_trace_to_run(self, trace_id: str, run_id: str) -> None: ...
     def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None: ...
     def add_prompt_experiment(self, name: str, experiment_id: str) -> None: ...
     def logged_model_id(self, experiment_id: str, app_version: str) -> str: ...
@@ -376,10 +375,6 @@ class RestGateway:
         tags = (found or {}).get("model_version", {}).get("tags") or []
         return _is_prompt_version({tag["key"]: tag.get("value", "") for tag in tags})
 
-    def link_trace_to_run(self, trace_id: str, run_id: str) -> None:
-        body = {"trace_ids": [_mlflow_trace_id(trace_id)], "run_id": run_id}
-        self._api("POST", "traces/link-to-run", json=body)
-
     def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None:
         versions = [{"name": name, "version": version} for name, version in _prompt_versions(prompts)]
         if versions:
@@ -575,10 +570,6 @@ class StoreGateway:
                 raise
             return False
         return _is_prompt_version(found.tags)
-
-    def link_trace_to_run(self, trace_id: str, run_id: str) -> None:
-        with self._lock, _store_errors():
-            self._store.link_traces_to_run([_mlflow_trace_id(trace_id)], run_id)
 
     def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None:
         from mlflow.entities.model_registry import PromptVersion

@@ -1,8 +1,7 @@
 """The writer: drains the spool into MLflow, in parallel, retried, behind a circuit breaker.
 
 One drain thread reads records, merges the spans of each trace, and hands complete traces to a pool
-of workers that land them (mode ``call``: one run per local trace, written on its own and linked to
-the trace, whose spans then go in one OTLP request with others of their experiment; mode
+of workers that land them (mode ``call``: one run and one linked trace per local trace; mode
 ``window``: metric steps on an hourly run per persona and model, and batched traces). A record is
 committed in the spool only once every trace in it has landed, so a crash or an outage replays it;
 the ledger and MLflow's upsert of traces by id make a replay land nothing twice.
@@ -21,7 +20,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,12 +56,6 @@ WINDOW_BATCHES_IN_FLIGHT = 3
 # Mode window: how long a batch short of a full request waits for more traces (unless a flush()
 # waits). Each request costs the server about as much as two more traces in it.
 WINDOW_LINGER_S = 0.5
-# Mode call: a trace's run is written on its own, and its spans then wait up to this long for more
-# traces of their experiment, to go in one OTLP request: MLflow spends less on one request of many
-# traces, each then linked to its run, than on one request per trace.
-CALL_LINGER_S = 0.3
-CALL_POST_BATCH = 50  # staged traces of one experiment that go at once, without waiting longer
-CALL_POSTS_IN_FLIGHT = 2
 _CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next try"
 # A trace given up on (wrong credentials, no permission) is logged at most once per this long: with
 # wrong credentials every call fails the same way.
@@ -177,8 +170,6 @@ class _Pending:
     queued: bool = False  # in the writer's ready queue
     queued_at: float = 0.0
     due: float | None = None  # when its live entry in the writer's timer heap fires
-    staged: _Staged | None = None  # mode call: its run is written, its spans wait to be posted
-    solo: bool = False  # mode call: posted alone, after a request it was part of was refused
 
 
 class Writer:
@@ -223,10 +214,6 @@ class Writer:
         self._owed: set[bytes] = set()  # trace ids that flush() waits for (see _is_owed)
         self._given_up: set[bytes] = set()  # trace ids kept in the spool after an error no retry fixes
         self._window_batches = 0  # mode window: batches in flight
-        # Mode call: staged traces by experiment, since when the oldest waits, and requests in flight.
-        self._posting: dict[str, list[_Pending]] = {}
-        self._posting_since: dict[str, float] = {}
-        self._posts_in_flight = 0
         # Half-open breaker: the one trace (mode call) or batch (mode window) that is finding out
         # whether MLflow is back; the rest waits for its answer rather than failing together.
         self._probe: list[_Pending] | None = None
@@ -466,15 +453,12 @@ class Writer:
         # than the whole backlog failing together; the rest goes once it has landed.
         probing = self._breaker.half_open()
         batches: list[list[_Pending]] = []
-        posts: list[tuple[str, list[_Pending]]] = []
         with self._lock:
             now = self._clock()
             self._fire_timers(now)
-            if self._mode == "call":
-                posts = self._take_posts(now, urgent=probing)
             if probing and self._probe is not None:
-                pass  # the probe is out: nothing more until it is answered
-            elif self._mode == "window":
+                return
+            if self._mode == "window":
                 # Each window's calls become one log_batch and few trace requests per batch; a few
                 # batches land at once, their steps and sums reserved in order (see _Windows).
                 while (
@@ -498,82 +482,13 @@ class Writer:
                 future = self._pool.submit(self._land_window, batch)
                 future.add_done_callback(functools.partial(self._landed_window, batch))
             else:
-                future = self._pool.submit(self._stage_call, batch[0])
-                future.add_done_callback(functools.partial(self._staged, batch))
-        self._post(posts)
+                future = self._pool.submit(self._land_call, batch[0])
+                future.add_done_callback(functools.partial(self._landed, batch))
 
-    def _take_posts(self, now: float, urgent: bool) -> list[tuple[str, list[_Pending]]]:
-        """Mode call: the staged traces whose OTLP requests go now. Caller holds the lock."""
-        posts: list[tuple[str, list[_Pending]]] = []
-        for experiment_id in list(self._posting):
-            if self._posts_in_flight >= CALL_POSTS_IN_FLIGHT:
-                break
-            waiting = self._posting[experiment_id]
-            due = now - self._posting_since[experiment_id] >= CALL_LINGER_S
-            if not (urgent or due or self._flushes or len(waiting) >= CALL_POST_BATCH):
-                continue
-            solo = next((p for p in waiting if p.solo), None)
-            if solo is not None:
-                waiting.remove(solo)
-                batch = [solo]
-            else:
-                batch, waiting[:] = waiting[:MAX_TRACES_PER_REQUEST], waiting[MAX_TRACES_PER_REQUEST:]
-            if waiting:
-                self._posting_since[experiment_id] = now
-            else:
-                del self._posting[experiment_id], self._posting_since[experiment_id]
-            self._posts_in_flight += 1
-            posts.append((experiment_id, batch))
-        return posts
-
-    def _stage_call(self, pending: _Pending) -> None:
+    def _land_call(self, pending: _Pending) -> None:
         if not self._breaker.allow():
             raise GatewayError(_CIRCUIT_OPEN)
-        pending.staged = stage_call(
-            self._gateway, self._spool, self._prices, pending, self._content_bound, self._links
-        )
-
-    def _staged(self, batch: list[_Pending], future: Future[None]) -> None:
-        pending = batch[0]
-        if future.cancelled() or future.exception() is not None or pending.staged is None:
-            self._landed(batch, future)  # failed, or it had landed before: settled as it is
-            return
-        with self._lock:
-            now = self._clock()
-            experiment_id = pending.staged.experiment_id
-            self._posting.setdefault(experiment_id, []).append(pending)
-            self._posting_since.setdefault(experiment_id, now)
-            # What is due goes from here; the rest, once due, from the drain thread's next pass.
-            posts = self._take_posts(now, urgent=self._probe is not None)
-        self._post(posts)
-
-    def _post(self, posts: list[tuple[str, list[_Pending]]]) -> None:
-        for experiment_id, batch in posts:
-            future = self._pool.submit(self._post_calls, experiment_id, batch)
-            future.add_done_callback(functools.partial(self._posted, batch))
-
-    def _post_calls(self, experiment_id: str, batch: list[_Pending]) -> None:
-        if not self._breaker.allow():
-            raise GatewayError(_CIRCUIT_OPEN)
-        staged = [(p.trace, p.staged) for p in batch if p.staged is not None]
-        try:
-            post_calls(self._gateway, self._spool, self._prices, self._links, experiment_id, staged)
-        except GatewayError as exc:
-            if exc.retryable or len(batch) == 1:
-                raise
-            # One bad trace must not take the others down with it: each goes alone next time.
-            for pending in batch:
-                pending.solo = True
-            raise GatewayError(f"{exc} (each trace is retried on its own)") from exc
-
-    def _posted(self, batch: list[_Pending], future: Future[None]) -> None:
-        with self._lock:
-            self._posts_in_flight -= 1
-            for pending in batch:
-                pending.staged = None  # landed, or to be staged again (the ledger skips what is done)
-            posts = self._take_posts(self._clock(), urgent=False)  # what waited for this one's place
-        self._landed(batch, future)
-        self._post(posts)
+        land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._links)
 
     def _land_window(self, batch: list[_Pending]) -> None:
         if not self._breaker.allow():
@@ -589,8 +504,7 @@ class Writer:
         try:
             self._settle(batch, future)
         finally:
-            if self._probe is not None and any(p is self._probe[0] for p in batch):
-                # The breaker has the probe's answer now: the rest may go.
+            if self._probe is batch:  # the breaker has the probe's answer now: the rest may go
                 with self._lock:
                     self._probe = None
                 self._wake.set()
@@ -692,36 +606,26 @@ def _without_credentials(uri: str) -> str:
 
 
 RUN_STATE_CREATED = "created"
-RUN_STATE_RAN = "ran"  # the run is finished, the content uploaded; the spans not yet posted
 RUN_STATE_DONE = "done"
 
 
-@dataclass(frozen=True)
-class _Staged:
-    """Mode call: a trace whose run is written, and the OTLP spans that remain to be posted."""
-
-    experiment_id: str
-    run_id: str
-    request: ExportTraceServiceRequest
-
-
-def stage_call(
+def land_call(
     gateway: Gateway,
     spool: Spool,
     prices: PriceTable,
     pending: _Pending,
     content_bound: int,
     links: Links,
-) -> _Staged | None:
-    """Mode ``call``, first step: the trace's run, with its params, metrics and status, and its
-    large content uploaded. None if the trace has landed already. Each step is idempotent and
-    noted in the ledger."""
+) -> None:
+    """Mode ``call``: one run per local trace, the trace linked to it and to the prompt versions
+    and app version it was made with; each step idempotent."""
     trace = pending.trace
     run = records.run_record(trace, prices, links.registered)
     ledger_key = "trace:" + run.trace_id
-    run_id, _, step = (spool.ledger_get(ledger_key) or "").partition("|")
+    state = spool.ledger_get(ledger_key)
+    run_id, _, step = (state or "").partition("|")
     if step == RUN_STATE_DONE:
-        return None
+        return
     experiment_id = gateway.experiment_id(run.experiment_name, records.experiment_tags(run.persona, run.day))
     if not run_id and (pending.replayed or pending.attempts):
         run_id = gateway.find_run(experiment_id, sc.GENAI_MLFLOW_TRACE_ID, run.trace_id) or ""
@@ -735,35 +639,13 @@ def stage_call(
         artifact_uri=lambda path: gateway.artifact_uri(run_id, path),
         registered=links.registered,
     )
-    if step != RUN_STATE_RAN:
-        if offloads:
-            gateway.upload(run_id, offloads)
-        gateway.log_batch(run_id, run.params, [(k, v, run.end_ms, 0) for k, v in run.metrics.items()], {})
-        gateway.end_run(run_id, run.status, run.end_ms)
-        spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_RAN}")
-    return _Staged(experiment_id, run_id, request)
-
-
-def post_calls(
-    gateway: Gateway,
-    spool: Spool,
-    prices: PriceTable,
-    links: Links,
-    experiment_id: str,
-    staged: Sequence[tuple[LocalTrace, _Staged]],
-) -> None:
-    """Mode ``call``, second step: staged traces of one experiment in one OTLP request, with no
-    run header (it links all its traces to one run), then each trace's links: to its run, and to
-    its prompt versions and app version. A link must follow the trace: with authentication on,
-    MLflow checks the permissions of the trace's experiment."""
-    request = ExportTraceServiceRequest()
-    for _, trace_staged in staged:
-        request.resource_spans.extend(trace_staged.request.resource_spans)
-    gateway.post_traces(experiment_id, None, request)
-    for trace, trace_staged in staged:
-        gateway.link_trace_to_run(trace.trace_id.hex(), trace_staged.run_id)
-        _link(links, experiment_id, records.trace_links(trace, prices, links.registered))
-        spool.ledger_put("trace:" + trace.trace_id.hex(), f"{trace_staged.run_id}|{RUN_STATE_DONE}")
+    if offloads:
+        gateway.upload(run_id, offloads)
+    gateway.post_traces(experiment_id, run_id, request)
+    _link(links, experiment_id, records.trace_links(trace, prices, links.registered))
+    gateway.log_batch(run_id, run.params, [(k, v, run.end_ms, 0) for k, v in run.metrics.items()], {})
+    gateway.end_run(run_id, run.status, run.end_ms)
+    spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_DONE}")
 
 
 def _link(links: Links, experiment_id: str, trace: records.TraceLinks) -> None:
