@@ -263,6 +263,10 @@ APP_KILLED = """
             client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": f"call {i}"}]
             )
+    # Each span reaches the spool a moment after its call returns (finished off the app's thread):
+    # the kill comes after that moment, as the test is about what the spool holds.
+    from genai_mlflow.instrumentation.openai.finisher import FINISHER
+    FINISHER.flush(10)
     print("done", flush=True)
     time.sleep(600)  # killed by the test
 """

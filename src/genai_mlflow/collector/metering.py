@@ -117,5 +117,33 @@ class MeteredGateway:
     def artifact_uri(self, run_id: str, path: str) -> str:
         return self._inner.artifact_uri(run_id, path)
 
-    def __getattr__(self, name: str) -> Any:  # anything else a gateway offers, untimed
+    def prompt_version_exists(self, name: str, version: str) -> bool:
+        return self._timed("prompt_version_exists", lambda: self._inner.prompt_version_exists(name, version))
+
+    def link_prompts(self, trace_id: str, prompts: Sequence[tuple[str, str]]) -> None:
+        self._timed("link_prompts", lambda: self._inner.link_prompts(trace_id, prompts))
+
+    def add_prompt_experiment(self, name: str, experiment_id: str) -> None:
+        self._timed("add_prompt_experiment", lambda: self._inner.add_prompt_experiment(name, experiment_id))
+
+    def logged_model_id(self, experiment_id: str, app_version: str) -> str:
+        return self._timed("logged_model_id", lambda: self._inner.logged_model_id(experiment_id, app_version))
+
+    def link_trace_to_model(
+        self,
+        experiment_id: str,
+        trace_id: str,
+        request_time_ms: int,
+        duration_ms: int,
+        state: str,
+        model_id: str,
+    ) -> None:
+        self._timed(
+            "link_trace_to_model",
+            lambda: self._inner.link_trace_to_model(
+                experiment_id, trace_id, request_time_ms, duration_ms, state, model_id
+            ),
+        )
+
+    def __getattr__(self, name: str) -> Any:  # anything else a gateway offers (reserve_connections)
         return getattr(self._inner, name)
