@@ -1,4 +1,5 @@
-"""The ``genai-mlflow`` command: ``demo``, ``doctor``, ``spool status|replay`` and ``collector``."""
+"""The ``genai-mlflow`` command: ``demo``, ``doctor``, ``spool status|replay``, ``collector``,
+``compare`` and ``stack``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from genai_mlflow import stack
+from genai_mlflow.compare import command as compare
 from genai_mlflow.config import ConfigError, Settings
 
 
@@ -105,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spool.add_argument("--spool-dir", help="default: GENAI_MLFLOW_SPOOL_DIR, else per tracking URI")
     spool.add_argument("--timeout", type=float, default=300.0, help="replay: seconds to wait for MLflow")
     _add_collector_parser(commands, after_command)
+    compare.add_parser(commands, after_command)
     stack.add_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -123,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _collector(args)
         if args.command == "stack":
             return stack.run(args)
+        if args.command == "compare":
+            return compare.run(args, Settings.resolve(args.tracking_uri).tracking_uri)
         return _spool(args)
     except ConfigError as exc:
         print(f"genai-mlflow: {exc}", file=sys.stderr)

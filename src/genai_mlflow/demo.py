@@ -27,21 +27,23 @@ WEATHER_TOOL: ChatCompletionFunctionToolParam = {
 def _calls(client: openai.OpenAI, out: TextIO) -> int:
     """The personas' calls; returns how many LLM calls were made."""
     with genai_mlflow.persona("viral_creator"):
-        client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[
-                {"role": "system", "content": "You write short, catchy posts."},
-                {"role": "user", "content": "A post about autumn in Paris"},
-            ],
-        )
-        stream = client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "Three hashtags for a coffee shop"}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for _ in stream:
-            pass
+        with genai_mlflow.prompt("post_writer", 1):  # two prompt versions, for `genai-mlflow compare`
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[
+                    {"role": "system", "content": "You write short, catchy posts."},
+                    {"role": "user", "content": "A post about autumn in Paris"},
+                ],
+            )
+        with genai_mlflow.prompt("post_writer", 2):
+            stream = client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "Three hashtags for a coffee shop"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for _ in stream:
+                pass
     with genai_mlflow.persona("travel_agent"), genai_mlflow.session("trip-42", user_id="ada"):
         # One request of the app, two LLM calls: one run, one trace.
         with trace.get_tracer("demo").start_as_current_span("plan_trip"):
@@ -90,6 +92,11 @@ def _report(tracking_uri: str, out: TextIO) -> None:
                 file=out,
             )
     print(f"\nOpen them in the MLflow UI:\n  mlflow ui --backend-store-uri {tracking_uri}", file=out)
+    print(
+        "Compare the prompt versions (a demo has too few calls for a verdict):\n"
+        f"  genai-mlflow compare --tracking-uri {tracking_uri} --persona viral_creator --since 1d",
+        file=out,
+    )
 
 
 def run_demo(tracking_uri: str | None = None, out: TextIO = sys.stdout) -> int:

@@ -331,13 +331,13 @@ class Sent:
 @pytest.fixture
 def sent(server_gateway: RestGateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sent]:
     record = Sent([])
-    call = server_gateway._call
+    call = server_gateway.request
 
     def counted(method: str, endpoint: str, **kwargs: Any) -> Any:
         record.calls.append((method, endpoint.removeprefix("/api/2.0/mlflow/")))
         return call(method, endpoint, **kwargs)
 
-    monkeypatch.setattr(server_gateway, "_call", counted)
+    monkeypatch.setattr(server_gateway, "request", counted)
     yield record
 
 

@@ -230,9 +230,11 @@ class RestGateway:
         if self._client is not None:
             self._client.reserve(connections)
 
-    def _call(
+    def request(
         self, method: str, endpoint: str, *, extra_headers: dict[str, str] | None = None, **kwargs: Any
     ) -> Any:
+        """One request to ``endpoint`` (a path) with MLflow's credentials and no retry: its JSON
+        answer, or None. Failures raise ``GatewayError``."""
         try:
             if self._client is None:
                 from mlflow.utils.rest_utils import http_request
@@ -265,7 +267,7 @@ class RestGateway:
         return None
 
     def _api(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._call(method, f"/api/2.0/mlflow/{path}", **kwargs)
+        return self.request(method, f"/api/2.0/mlflow/{path}", **kwargs)
 
     def experiment_id(self, name: str, tags: dict[str, str]) -> str:
         return self._experiments.get(name, lambda: self._find_or_create_experiment(name, tags))
@@ -355,7 +357,7 @@ class RestGateway:
         headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
         if run_id is not None:
             headers["x-mlflow-run-id"] = run_id
-        self._call("POST", OTLP_PATH, data=request.SerializeToString(), extra_headers=headers)
+        self.request("POST", OTLP_PATH, data=request.SerializeToString(), extra_headers=headers)
 
     def upload(self, run_id: str, offloads: Sequence[Offload]) -> None:
         _upload(self.tracking_uri, run_id, offloads)
@@ -438,7 +440,7 @@ class RestGateway:
             "state": state,
             "trace_metadata": {_MODEL_ID: model_id},
         }
-        self._call("POST", "/api/3.0/mlflow/traces", json={"trace": {"trace_info": trace_info}})
+        self.request("POST", "/api/3.0/mlflow/traces", json={"trace": {"trace_info": trace_info}})
 
 
 class StoreGateway:

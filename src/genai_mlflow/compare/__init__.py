@@ -1,0 +1,1 @@
+"""genai-mlflow compare: which prompt, model or variant is better, from what landed in MLflow."""
