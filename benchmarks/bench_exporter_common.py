@@ -35,9 +35,10 @@ import openai  # noqa: E402
 import psycopg  # noqa: E402
 from tests.mlflow_stack import MlflowStack, mlflow_stack  # noqa: E402
 
-__all__ = ["MlflowStack", "mlflow_stack"]
+__all__ = ["DEFAULT_WORKERS", "MlflowStack", "mlflow_stack"]
 
 from genai_mlflow.exporter import records  # noqa: E402
+from genai_mlflow.stack import DEFAULT_WORKERS  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 _SYSTEM = (
@@ -61,9 +62,10 @@ def quiet_logs() -> None:
 
 
 @contextlib.contextmanager
-def running_stack(tmp_dir: Path) -> Iterator[MlflowStack]:
-    """``tests.mlflow_stack.mlflow_stack`` with its client environment in ``os.environ`` meanwhile."""
-    with mlflow_stack(tmp_dir) as stack:
+def running_stack(tmp_dir: Path, workers: int = DEFAULT_WORKERS) -> Iterator[MlflowStack]:
+    """``tests.mlflow_stack.mlflow_stack`` with its client environment in ``os.environ`` meanwhile,
+    its server with the local stack's workers (the tests run two)."""
+    with mlflow_stack(tmp_dir, workers=workers) as stack:
         saved = {key: os.environ.get(key) for key in stack.env}
         os.environ.update(stack.env)
         try:
@@ -446,6 +448,6 @@ def load_note() -> str:
 
 def stack_description(stack: MlflowStack) -> str:
     return (
-        f"MLflow server {stack.tracking_uri} (uvicorn, 2 workers) on PostgreSQL 127.0.0.1:5432, "
-        "artifacts on moto S3; all on this machine"
+        f"MLflow server {stack.tracking_uri} (uvicorn, {stack.workers} workers) on PostgreSQL "
+        "127.0.0.1:5432, artifacts on moto S3; all on this machine"
     )

@@ -581,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
         "--diagnostics", action="store_true", help="also wait without flush() (isolates flush()'s own cost)"
     )
     parser.add_argument("--no-ceiling", action="store_true", help="skip MLflow's ceiling")
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=common.DEFAULT_WORKERS,
+        help="MLflow server workers (as the local stack)",
+    )
     args = parser.parse_args(argv)
     common.quiet_logs()
     sizes = Sizes(
@@ -611,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         client = common.make_client(server.base_url)
         otlp_template, run_template = templates(client)
         print("starting the MLflow stack ...", file=sys.stderr, flush=True)
-        with common.running_stack(tmp_path / "stack") as stack:
+        with common.running_stack(tmp_path / "stack", args.server_workers) as stack:
             bench = Bench(stack, client, tmp_path, timings, otlp_template, run_template)
             warm_up(bench)
             bench.results.clear()

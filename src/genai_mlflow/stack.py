@@ -52,6 +52,9 @@ ENV_PG_URL = "GENAI_MLFLOW_STACK_PG_URL"
 ENV_STATE_DIR = "GENAI_MLFLOW_STACK_DIR"
 DEFAULT_DATABASE = "genai_mlflow"
 DEFAULT_BUCKET = "genai-mlflow"
+# MLflow's own default. With two, the server leaves two cores half idle while it waits on
+# PostgreSQL, and lands a run plus a trace per call at 14-20 calls/s here, against 21-25 with four.
+DEFAULT_WORKERS = 4
 STATE_FILE = "stack.json"
 # Stop order of `down`: the collector drains into MLflow, MLflow needs S3.
 _STOP_ORDER = ("collector", "mlflow", "s3")
@@ -561,7 +564,7 @@ class LocalStack:
         mlflow_port: int = 0,
         s3_port: int = 0,
         collector_port: int = 0,
-        workers: int = 2,
+        workers: int = DEFAULT_WORKERS,
         s3: str = "auto",
         collector: str = "off",
         collector_token: str | None = None,
@@ -588,6 +591,10 @@ class LocalStack:
         self._created_database = False
 
     # --- what clients need -----------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        return self._workers
 
     @property
     def state(self) -> StackState:
@@ -884,7 +891,9 @@ def add_parser(commands: Any) -> None:
     stack.add_argument("--mlflow-port", type=int, default=5000, help="0 picks a free port")
     stack.add_argument("--s3-port", type=int, default=9000, help="0 picks a free port")
     stack.add_argument("--collector-port", type=int, default=4318, help="0 picks a free port")
-    stack.add_argument("--workers", type=int, default=2, help="MLflow server workers")
+    stack.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help=f"MLflow server workers ({DEFAULT_WORKERS})"
+    )
     stack.add_argument(
         "--s3", choices=("auto", "minio", "moto"), default="auto", help="auto: MinIO if on PATH"
     )
