@@ -6,8 +6,9 @@ up`` runs, on a PostgreSQL database of the test session's own.
 1. S3: MinIO when a ``minio`` binary is on PATH, else ``moto_server`` (in memory), with a bucket;
 2. a fresh database on the PostgreSQL server at ``GENAI_MLFLOW_STACK_PG_URL`` (default
    ``postgresql://postgres@127.0.0.1:5432/postgres``; trust auth), migrated by ``mlflow db upgrade``;
-3. ``mlflow server`` (uvicorn, ``--workers 2``, lighter on CI than the local stack's 4) with that database as backend store and
-   ``s3://<bucket>/artifacts`` as proxied artifact destination (``--serve-artifacts``).
+3. ``mlflow server`` (uvicorn, ``--workers 2``, lighter on CI than the local stack's 4) with that
+   database as backend store and ``s3://<bucket>/artifacts`` as proxied artifact destination
+   (``--serve-artifacts``).
 
 Everything runs in its own process group and is torn down on exit, whatever happens in the ``with`` body:
 the process groups are terminated (SIGTERM, then SIGKILL after a grace period), and the database is
