@@ -39,12 +39,11 @@ def note_llm_call() -> None:
 
 @dataclass(frozen=True)
 class LoadedPrompts:
-    """Prompts loaded from the registry that count for the calls made after the load: ``scope``
-    is the scope they were loaded in, or None outside every scope, where ``trace_id`` limits them
-    to the trace they were loaded in."""
+    """Prompts loaded from the registry that count for the calls made after the load: within the
+    innermost scope they were loaded in, or, loaded outside every scope, within ``trace_id``."""
 
     refs: tuple[str, ...] = ()  # "name/version"
-    scope: object | None = None
+    in_scope: bool = False
     trace_id: int = 0
 
 
@@ -56,14 +55,14 @@ def note_prompt_loaded(name: str, version: object) -> None:
     """Record that the app loaded a prompt version, for the calls that follow it."""
     ref = f"{name}/{version}"
     current = _loaded_prompts.get()
-    if current.scope is None:
+    if not current.in_scope:
         span_context = trace.get_current_span().get_span_context()
         if not span_context.is_valid:
             return  # outside every scope and trace: no call to attribute it to
         if current.trace_id != span_context.trace_id:
             current = LoadedPrompts(trace_id=span_context.trace_id)  # an earlier trace's loads are gone
     if ref not in current.refs:
-        _loaded_prompts.set(LoadedPrompts((*current.refs, ref), current.scope, current.trace_id))
+        _loaded_prompts.set(LoadedPrompts((*current.refs, ref), current.in_scope, current.trace_id))
 
 
 def current_loaded_prompts() -> tuple[str, ...]:
@@ -71,7 +70,7 @@ def current_loaded_prompts() -> tuple[str, ...]:
     current = _loaded_prompts.get()
     if not current.refs:
         return ()
-    if current.scope is None and current.trace_id != trace.get_current_span().get_span_context().trace_id:
+    if not current.in_scope and current.trace_id != trace.get_current_span().get_span_context().trace_id:
         return ()
     return current.refs
 
@@ -95,8 +94,8 @@ class _BaggageScope:
             ctx = baggage.set_baggage(key, value, ctx)
         # Loads inside this scope stay in it; loads from outer scopes count here too.
         loads = _loaded_prompts.get()
-        inherited = loads.refs if loads.scope is not None else ()
-        loads_token = _loaded_prompts.set(LoadedPrompts(inherited, scope=object()))
+        inherited = loads.refs if loads.in_scope else ()
+        loads_token = _loaded_prompts.set(LoadedPrompts(inherited, in_scope=True))
         return context.attach(ctx), loads_token
 
     @staticmethod
