@@ -15,7 +15,7 @@ from genai_mlflow.exporter.records import normalise_persona
 from . import report
 from .publish import comparisons_experiment, log_comparison
 from .reader import GROUP_TAGS, CompareError, read_calls
-from .stats import compare
+from .stats import Comparison, compare
 
 _PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, tracking_uri: str, out: TextIO | None = None) 
 
 
 def _log(
-    tracking_uri: str, comparison: Any, scope: report.Scope, text: str, document: dict[str, Any]
+    tracking_uri: str, comparison: Comparison, scope: report.Scope, text: str, document: dict[str, Any]
 ) -> dict[str, str]:
     params = {
         "persona": scope.persona,
