@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator, Mapping
 
 import openai
 import pytest
@@ -15,7 +16,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import genai_mlflow
 from genai_mlflow import semconv as sc
-from genai_mlflow.instrumentation.openai.attributes import TRUNCATION_MARKER
+from genai_mlflow.instrumentation.openai.attributes import (
+    TRUNCATION_MARKER,
+    ContentPolicy,
+    chat_input_content,
+)
 
 from .spans import json_attr, only_span
 
@@ -241,3 +246,31 @@ def test_unsampled_calls_still_count_in_metrics(
     names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}  # type: ignore[union-attr]
     assert sc.METRIC_TOKEN_USAGE in names
     assert span_exporter.get_finished_spans() == ()
+
+
+class _Message(Mapping[str, object]):
+    """A read-only mapping whose class also has attributes named like message keys."""
+
+    role = "attribute, not the key"
+
+    def __init__(self, **items: object) -> None:
+        self.content = "attribute, not the key"
+        self._items = items
+
+    def __getitem__(self, key: str) -> object:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_content_read_from_any_mapping_by_key():
+    policy = ContentPolicy(capture=True)
+    for _ in range(2):  # the second read goes through the cached type facts
+        content = chat_input_content([_Message(role="user", content="hello")], policy)
+        assert json.loads(content[sc.GEN_AI_INPUT_MESSAGES]) == [
+            {"role": "user", "parts": [{"type": "text", "content": "hello"}]}
+        ]

@@ -90,7 +90,7 @@ class ContentPolicy:
 
     def dumps(self, value: Any) -> str:
         """JSON for one attribute, cut to the size bound with a marker saying how much there was."""
-        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        encoded = _ENCODER.encode(value)
         # Lone surrogates (a JSON "\udcff" escape, surrogateescape'd bytes) are not UTF-8: the
         # OTLP encoder would drop the whole attribute. They become U+FFFD.
         if not encoded.isascii():
@@ -99,6 +99,8 @@ class ContentPolicy:
 
 
 NO_CONTENT = ContentPolicy()
+# One encoder for every value: json.dumps builds a new one per call when given options.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def truncate(value: str, max_bytes: int) -> str:
@@ -113,20 +115,48 @@ def truncate(value: str, max_bytes: int) -> str:
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
+    cls = type(obj)
+    if cls is dict or _is_mapping(cls):
         return obj.get(key, default)
     # The client's pydantic models: read fields from __dict__ first, since a missing attribute
     # costs pydantic an exception raised and caught.
     fields = getattr(obj, "__dict__", None)
-    if fields is not None and key in fields:
+    if fields is None:
+        return getattr(obj, key, default)
+    if key in fields:
         return fields[key]
     extra = getattr(obj, "__pydantic_extra__", None)
     if extra is not None and key in extra:
         return extra[key]
-    cls = type(obj)
-    if fields is not None and hasattr(cls, "model_fields") and not hasattr(cls, key):
-        return default  # a pydantic model without that field (and no property of that name)
+    if _model_lacks(cls, key):
+        return default
     return getattr(obj, key, default)
+
+
+# Facts about types, cached: answering them costs ABC and metaclass lookups on every read. Types
+# are few, but a program could make them on the fly, so the caches are bounded.
+_TYPE_CACHE_LIMIT = 4096
+_MAPPING_TYPES: dict[type, bool] = {}
+_MODEL_LACKS: dict[tuple[type, str], bool] = {}
+
+
+def _is_mapping(cls: type) -> bool:
+    found = _MAPPING_TYPES.get(cls)
+    if found is None:
+        found = issubclass(cls, Mapping)
+        if len(_MAPPING_TYPES) < _TYPE_CACHE_LIMIT:
+            _MAPPING_TYPES[cls] = found
+    return found
+
+
+def _model_lacks(cls: type, key: str) -> bool:
+    """A pydantic model class without that field, and no property or method of that name."""
+    found = _MODEL_LACKS.get((cls, key))
+    if found is None:
+        found = hasattr(cls, "model_fields") and not hasattr(cls, key)
+        if len(_MODEL_LACKS) < _TYPE_CACHE_LIMIT:
+            _MODEL_LACKS[cls, key] = found
+    return found
 
 
 def _is_primitive(value: Any) -> bool:
