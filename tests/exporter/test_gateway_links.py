@@ -22,7 +22,7 @@ from genai_mlflow import semconv as sc
 from genai_mlflow.exporter import gateway as gw
 from genai_mlflow.exporter import records
 from genai_mlflow.exporter.gateway import GatewayError, RestGateway, StoreGateway
-from genai_mlflow.exporter.records import LocalTrace
+from genai_mlflow.exporter.records import LocalTrace, TraceTiming
 from tests.exporter.test_records import PRICES, T0_MS, llm_attrs, make_span
 from tests.mlflow_stack import MlflowStack
 from tests.stack_fixtures import mlflow_env, mlflow_server
@@ -283,7 +283,9 @@ def test_a_landed_trace_is_linked_to_its_model_and_keeps_the_rest(mlflow_at: Mlf
     model_id = mlflow_at.gateway.logged_model_id(experiment_id, "v1.2.3")
 
     for _ in range(2):  # a retry changes nothing
-        mlflow_at.gateway.link_trace_to_model(experiment_id, trace_id, T0_MS, 300, state, model_id)
+        mlflow_at.gateway.link_trace_to_model(
+            experiment_id, trace_id, TraceTiming(T0_MS, 300, state), model_id
+        )
 
     after = mlflow_at.client.get_trace(f"tr-{trace_id}")
     assert after.info.trace_metadata[gw._MODEL_ID] == model_id
@@ -311,7 +313,9 @@ def test_a_trace_in_another_experiment_than_its_model_is_found_by_the_model(mlfl
     models_experiment, traces_experiment = mlflow_at.experiment(), mlflow_at.experiment()
     trace_id = land_trace(mlflow_at.gateway, traces_experiment)
     model_id = mlflow_at.gateway.logged_model_id(models_experiment, "v9")
-    mlflow_at.gateway.link_trace_to_model(traces_experiment, trace_id, T0_MS, 300, "OK", model_id)
+    mlflow_at.gateway.link_trace_to_model(
+        traces_experiment, trace_id, TraceTiming(T0_MS, 300, "OK"), model_id
+    )
     assert traces(mlflow_at, traces_experiment, model_id=model_id) == [f"tr-{trace_id}"]
 
 
@@ -373,7 +377,7 @@ def test_the_fewest_requests(
     assert gateway.logged_model_id(experiment_id, "v1.2.3") == model_id
     assert sent() == []  # known in this process
 
-    gateway.link_trace_to_model(experiment_id, trace_id, T0_MS, 100, "OK", model_id)
+    gateway.link_trace_to_model(experiment_id, trace_id, TraceTiming(T0_MS, 100, "OK"), model_id)
     assert sent() == [("POST", "/api/3.0/mlflow/traces")]
 
 

@@ -110,11 +110,11 @@ def test_streamed_call_gives_the_trace_its_time_to_first_token_tag() -> None:
 def test_trace_links_restate_the_roots_time_and_state() -> None:
     links = records.trace_links(web_request(), PRICES, _registered())
     start_ms = web_request().top.start_time_unix_nano // 1_000_000
-    assert links.timing == (start_ms, 2000, "OK")
+    assert links.timing == records.TraceTiming(start_ms, 2000, "OK")
     failed = trace_of(
         make_span("chat gpt-4o-mini", 1, end_ms=50, attrs={sc.GEN_AI_OPERATION_NAME: "chat"}, error=True)
     )
-    assert records.trace_links(failed, PRICES, _registered()).timing[2] == "ERROR"
+    assert records.trace_links(failed, PRICES, _registered()).timing.state == "ERROR"
 
 
 def test_calls_without_labels_add_nothing() -> None:

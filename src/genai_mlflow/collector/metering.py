@@ -20,7 +20,7 @@ from genai_mlflow import semconv as sc
 from genai_mlflow.exporter import records
 from genai_mlflow.exporter.gateway import Gateway
 from genai_mlflow.exporter.pricing import PriceTable
-from genai_mlflow.exporter.records import Offload
+from genai_mlflow.exporter.records import Offload, TraceTiming
 
 from .metrics import CollectorMetrics
 
@@ -130,19 +130,11 @@ class MeteredGateway:
         return self._timed("logged_model_id", lambda: self._inner.logged_model_id(experiment_id, app_version))
 
     def link_trace_to_model(
-        self,
-        experiment_id: str,
-        trace_id: str,
-        request_time_ms: int,
-        duration_ms: int,
-        state: str,
-        model_id: str,
+        self, experiment_id: str, trace_id: str, timing: TraceTiming, model_id: str
     ) -> None:
         self._timed(
             "link_trace_to_model",
-            lambda: self._inner.link_trace_to_model(
-                experiment_id, trace_id, request_time_ms, duration_ms, state, model_id
-            ),
+            lambda: self._inner.link_trace_to_model(experiment_id, trace_id, timing, model_id),
         )
 
     def __getattr__(self, name: str) -> Any:  # anything else a gateway offers (reserve_connections)

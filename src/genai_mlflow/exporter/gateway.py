@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from genai_mlflow import semconv as sc
 
-from .records import Offload
+from .records import Offload, TraceTiming
 
 if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
@@ -82,13 +82,7 @@ class Gateway(Protocol):
     def add_prompt_experiment(self, name: str, experiment_id: str) -> None: ...
     def logged_model_id(self, experiment_id: str, app_version: str) -> str: ...
     def link_trace_to_model(
-        self,
-        experiment_id: str,
-        trace_id: str,
-        request_time_ms: int,
-        duration_ms: int,
-        state: str,
-        model_id: str,
+        self, experiment_id: str, trace_id: str, timing: TraceTiming, model_id: str
     ) -> None: ...
 
 
@@ -421,13 +415,7 @@ class RestGateway:
         return model_id
 
     def link_trace_to_model(
-        self,
-        experiment_id: str,
-        trace_id: str,
-        request_time_ms: int,
-        duration_ms: int,
-        state: str,
-        model_id: str,
+        self, experiment_id: str, trace_id: str, timing: TraceTiming, model_id: str
     ) -> None:
         trace_info = {
             "trace_id": _mlflow_trace_id(trace_id),
@@ -435,9 +423,9 @@ class RestGateway:
                 "type": "MLFLOW_EXPERIMENT",
                 "mlflow_experiment": {"experiment_id": experiment_id},
             },
-            "request_time": _timestamp_json(request_time_ms),
-            "execution_duration": _duration_json(duration_ms),
-            "state": state,
+            "request_time": _timestamp_json(timing.start_ms),
+            "execution_duration": _duration_json(timing.duration_ms),
+            "state": timing.state,
             "trace_metadata": {_MODEL_ID: model_id},
         }
         self.request("POST", "/api/3.0/mlflow/traces", json={"trace": {"trace_info": trace_info}})
@@ -620,22 +608,16 @@ class StoreGateway:
         return str(model.model_id)
 
     def link_trace_to_model(
-        self,
-        experiment_id: str,
-        trace_id: str,
-        request_time_ms: int,
-        duration_ms: int,
-        state: str,
-        model_id: str,
+        self, experiment_id: str, trace_id: str, timing: TraceTiming, model_id: str
     ) -> None:
         from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
         trace_info = TraceInfo(
             trace_id=_mlflow_trace_id(trace_id),
             trace_location=TraceLocation.from_experiment_id(experiment_id),
-            request_time=request_time_ms,
-            execution_duration=duration_ms,
-            state=TraceState(state),
+            request_time=timing.start_ms,
+            execution_duration=timing.duration_ms,
+            state=TraceState(timing.state),
             trace_metadata={_MODEL_ID: model_id},
         )
         with self._lock, _store_errors():

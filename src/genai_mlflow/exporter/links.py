@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from genai_mlflow import semconv as sc
 
 from .gateway import Gateway
+from .records import TraceTiming
 
 # A version found missing is asked about again after this long: someone may register it.
 MISSING_RECHECK_S = 300.0
@@ -61,12 +62,11 @@ class Links:
         experiment_id: str,
         trace_id: str,
         app_version: str | None,
-        timing: tuple[int, int, str],
+        timing: TraceTiming,
     ) -> None:
         """Link a trace that has wholly landed to its app version's LoggedModel in its experiment.
-        ``timing`` is the trace's start (ms), duration (ms) and state, which the write restates."""
+        ``timing`` is the trace's, which the write restates."""
         if not app_version or app_version == sc.PARAM_MIXED:
             return
         model_id = self._gateway.logged_model_id(experiment_id, app_version)  # cached by the gateway
-        start_ms, duration_ms, state = timing
-        self._gateway.link_trace_to_model(experiment_id, trace_id, start_ms, duration_ms, state, model_id)
+        self._gateway.link_trace_to_model(experiment_id, trace_id, timing, model_id)

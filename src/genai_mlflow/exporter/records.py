@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -563,8 +563,16 @@ def trace_links(trace: LocalTrace, prices: PriceTable, registered: Registered) -
         trace_id=trace.trace_id_hex,
         prompts=tuple(linked_prompts(labels, registered)),
         app_version=labels.get(sc.GENAI_MLFLOW_APP_VERSION),
-        timing=(start_ms, end_ms - start_ms, "ERROR" if failed else "OK"),
+        timing=TraceTiming(start_ms, end_ms - start_ms, "ERROR" if failed else "OK"),
     )
+
+
+class TraceTiming(NamedTuple):
+    """A trace's start, duration and state, as MLflow has them."""
+
+    start_ms: int
+    duration_ms: int
+    state: str  # "OK" or "ERROR"
 
 
 @dataclass(frozen=True)
@@ -572,7 +580,7 @@ class TraceLinks:
     trace_id: str  # 32 hex
     prompts: tuple[tuple[str, str], ...]  # registered (name, version) pairs
     app_version: str | None  # "mixed" where its calls differ
-    timing: tuple[int, int, str]  # start (ms), duration (ms), "OK" or "ERROR", as MLflow has them
+    timing: TraceTiming
 
 
 def _run_params(calls: Sequence[_Call], labels: Mapping[str, str]) -> tuple[dict[str, str], int]:
