@@ -9,14 +9,16 @@ Run by hand (not a test); needs PostgreSQL on 127.0.0.1:5432 (trust, user postgr
 
 One thread of the real ``openai`` client calls the in-process ``OpenAIServer`` back to back, under one
 persona, with ``genai_mlflow.instrument(mode="call")`` writing to the stack of ``tests/mlflow_stack.py``
-(``mlflow server --workers 2`` on PostgreSQL, moto S3). Reported: the app's time for the calls, the time
-until ``flush()`` returns True (everything landed), the peak RSS of this process (VmHWM; it also hosts
-the OpenAIServer) and of the writer process with ``--writer process``, the peak size of the spool
-directory, and the runs that landed: counted with ``MlflowClient.search_runs`` over the experiment
-(paged), and cross-checked in PostgreSQL (finished runs, traces, traces linked to a run). Progress
-(landed so far, RSS, spool bytes) goes to stderr every ``--every`` seconds.
+(``mlflow server`` with the local stack's 4 workers, on PostgreSQL, moto S3). Reported: the app's time
+for the calls, the time until ``flush()`` returns True (everything landed), the peak RSS of this
+process (VmHWM; it also hosts the OpenAIServer) and of the writer process with ``--writer process``,
+the peak size of the spool directory, and the runs that landed: counted with
+``MlflowClient.search_runs`` over the experiment (paged), and cross-checked in PostgreSQL (finished
+runs, traces, traces linked to a run). Progress (landed so far, RSS, spool bytes) goes to stderr every
+``--every`` seconds.
 
-Mode ``call`` lands about 10-15 calls/s on 2 cores, so 20,000 calls take 25-35 minutes. With
+Mode ``call`` lands about 20 calls/s on 2 cores with the stack's 4 MLflow workers, so 20,000 calls
+take about 17 minutes. With
 ``--max-minutes`` the wait for ``flush()`` is bounded; past it the figure printed is the landing rate
 measured so far and the time projected from it, labelled PROJECTED.
 """
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         common.versions(),
         common.load_note(),
         "app: real openai client -> in-process OpenAIServer, one thread, back to back; "
-        "MLflow server 2 workers on PostgreSQL, moto S3, same machine",
+        f"MLflow server {stack.workers} workers on PostgreSQL, moto S3, same machine",
         "",
     ]
     rate = calls / landed_s
