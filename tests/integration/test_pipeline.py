@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 from mlflow import MlflowClient
+from opentelemetry import context, trace
 
 import genai_mlflow
 from genai_mlflow.stack import free_port
@@ -324,3 +326,49 @@ def test_traces_exporter_mlflow_beside_another_configurator(
     assert "flushed True" in done.stdout
     _, [run] = _runs(mlflow_env.client(), persona_name)
     assert run.data.metrics["llm_calls"] == 1
+
+
+@pytest.mark.parametrize("mode", ["call", "window"])
+def test_a_call_after_its_trace_landed_is_dropped_and_said(
+    mlflow_env: MlflowStack,
+    spool_dir: Path,
+    client: openai.OpenAI,
+    persona_name: str,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+):
+    handle = genai_mlflow.instrument(mlflow_env.tracking_uri, mode=mode, spool_dir=str(spool_dir))
+    assert handle.pipeline is not None
+    tracer = trace.get_tracer("app")
+    try:
+        with genai_mlflow.persona(persona_name):
+            with tracer.start_as_current_span("request") as request:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+            assert handle.flush(60)
+            # A task the request left behind calls the model once the request's trace has landed.
+            token = context.attach(trace.set_span_in_context(request))
+            try:
+                with caplog.at_level(logging.WARNING, logger="genai_mlflow.exporter"):
+                    client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "later"}]
+                    )
+                    assert handle.flush(60)
+            finally:
+                context.detach(token)
+        assert handle.pipeline.writer.late_spans == 1
+    finally:
+        handle.shutdown()
+    trace_id = format(request.get_span_context().trace_id, "032x")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "dropped 1 span(s), 1 of them LLM call(s), that ended after their trace had landed" in w
+        and trace_id in w
+        for w in warnings
+    ), warnings
+    mlflow = mlflow_env.client()
+    experiment, runs = _runs(mlflow, persona_name)
+    assert len(runs) == 1
+    (landed,) = mlflow.search_traces(locations=[experiment.experiment_id])
+    assert sorted(span.name for span in landed.data.spans) == ["chat gpt-4o-mini", "request"]

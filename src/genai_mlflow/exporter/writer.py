@@ -60,6 +60,7 @@ _CIRCUIT_OPEN = "circuit open: MLflow failed recently; waiting before the next t
 # A trace given up on (wrong credentials, no permission) is logged at most once per this long: with
 # wrong credentials every call fails the same way.
 GIVEN_UP_LOG_S = 60.0
+LATE_LOG_S = 60.0
 _UNAUTHENTICATED = re.compile(r"answered 401\b|UNAUTHENTICATED")
 _DENIED = re.compile(r"answered 403\b|PERMISSION_DENIED")
 _CREDENTIALS = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
@@ -163,6 +164,7 @@ class _Pending:
     records: set[RecordId] = field(default_factory=set)
     replayed: bool = True  # every record it came from was written by a process now gone
     complete: bool = False  # its local root is here; kept, as finding the root walks every span
+    landed_before: bool = False  # the ledger had it when its first fresh record came
     last_seen: float = 0.0
     attempts: int = 0
     not_before: float = 0.0
@@ -219,6 +221,8 @@ class Writer:
         self._probe: list[_Pending] | None = None
         self._given_up_log = Throttle(GIVEN_UP_LOG_S)
         self._given_up_unlogged = 0  # traces given up since the last line that said so
+        self._late_log = Throttle(LATE_LOG_S)
+        self._late_unlogged = [0, 0]  # spans and LLM calls dropped as late since the last line
         self._flushes = 0  # flush() calls waiting: what is ready goes now, in batches full or not
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -232,6 +236,7 @@ class Writer:
         self._reads = 0  # drain cycles completed; flush waits for one that began after it
         self.landed = 0
         self.failed = 0
+        self.late_spans = 0  # spans that ended after their trace had landed: dropped
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -392,11 +397,17 @@ class Writer:
                     pending = self._pending.get(trace.trace_id)
                     if pending is None:
                         pending = self._pending[trace.trace_id] = _Pending(trace)
+                        # Fresh spans of a trace that has landed (not a replay): they go at once, to
+                        # be counted and logged as dropped, rather than wait for a root that landed.
+                        pending.landed_before = (
+                            not record.replayed
+                            and self._spool.ledger_get("trace:" + trace.trace_id.hex()) is not None
+                        )
                     else:
                         pending.trace = records.merge([pending.trace, trace])[0]
                     pending.records.add(record.id)
                     pending.replayed = pending.replayed and record.replayed
-                    pending.complete = records.is_complete(pending.trace)
+                    pending.complete = pending.landed_before or records.is_complete(pending.trace)
                     pending.last_seen = now
                     self._record_refs[record.id] = self._record_refs.get(record.id, 0) + 1
                     self._schedule(pending, now)
@@ -488,12 +499,41 @@ class Writer:
     def _land_call(self, pending: _Pending) -> None:
         if not self._breaker.allow():
             raise GatewayError(_CIRCUIT_OPEN)
-        land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._links)
+        wrote = land_call(self._gateway, self._spool, self._prices, pending, self._content_bound, self._links)
+        if not wrote and not pending.replayed:
+            self._drop_late([pending.trace])
 
     def _land_window(self, batch: list[_Pending]) -> None:
         if not self._breaker.allow():
             raise GatewayError(_CIRCUIT_OPEN)
-        self._windows.write([p.trace for p in batch], self._prices, self._content_bound)
+        landed_before = self._windows.write([p.trace for p in batch], self._prices, self._content_bound)
+        replayed = {p.trace.trace_id for p in batch if p.replayed}
+        self._drop_late([t for t in landed_before if t.trace_id not in replayed])
+
+    def _drop_late(self, traces: list[LocalTrace]) -> None:
+        """Count and log spans that ended after their trace had landed. A replayed record of a
+        landed trace is no news (the crash came between landing and committing it); a fresh one is."""
+        if not traces:
+            return
+        spans = sum(len(t.spans) for t in traces)
+        calls = sum(len(t.llm_spans) for t in traces)
+        with self._lock:
+            self.late_spans += spans
+            self._late_unlogged[0] += spans
+            self._late_unlogged[1] += calls
+            if not self._late_log.ready():
+                return
+            (spans, calls), self._late_unlogged = self._late_unlogged, [0, 0]
+        logger.warning(
+            "genai-mlflow dropped %d span(s), %d of them LLM call(s), that ended after their trace had "
+            "landed in MLflow (trace %s%s): a landed trace is not amended. A call made after its "
+            "request ended, e.g. from a background task, lands when it has a trace of its own (a new "
+            "root span).",
+            spans,
+            calls,
+            traces[0].trace_id.hex(),
+            f" and {len(traces) - 1} more" if len(traces) > 1 else "",
+        )
 
     def _landed_window(self, batch: list[_Pending], future: Future[None]) -> None:
         with self._lock:
@@ -616,16 +656,17 @@ def land_call(
     pending: _Pending,
     content_bound: int,
     links: Links,
-) -> None:
+) -> bool:
     """Mode ``call``: one run per local trace, the trace linked to it and to the prompt versions
-    and app version it was made with; each step idempotent."""
+    and app version it was made with; each step idempotent. False if the trace had landed already,
+    and nothing was written."""
     trace = pending.trace
     run = records.run_record(trace, prices, links.registered)
     ledger_key = "trace:" + run.trace_id
     state = spool.ledger_get(ledger_key)
     run_id, _, step = (state or "").partition("|")
     if step == RUN_STATE_DONE:
-        return
+        return False
     experiment_id = gateway.experiment_id(run.experiment_name, records.experiment_tags(run.persona, run.day))
     if not run_id and (pending.replayed or pending.attempts):
         run_id = gateway.find_run(experiment_id, sc.GENAI_MLFLOW_TRACE_ID, run.trace_id) or ""
@@ -646,6 +687,7 @@ def land_call(
     gateway.log_batch(run_id, run.params, [(k, v, run.end_ms, 0) for k, v in run.metrics.items()], {})
     gateway.end_run(run_id, run.status, run.end_ms)
     spool.ledger_put(ledger_key, f"{run_id}|{RUN_STATE_DONE}")
+    return True
 
 
 def _link(links: Links, experiment_id: str, trace: records.TraceLinks) -> None:
@@ -684,8 +726,13 @@ class _Windows:
         self._sums: dict[str, dict[str, float]] = {}
         self._reserved: dict[bytes, list[_Step]] = {}  # trace id -> its calls' steps, until it lands
 
-    def write(self, traces: list[LocalTrace], prices: PriceTable, content_bound: int) -> None:
-        fresh = [t for t in traces if self._spool.ledger_get("trace:" + t.trace_id.hex()) is None]
+    def write(self, traces: list[LocalTrace], prices: PriceTable, content_bound: int) -> list[LocalTrace]:
+        """Land the traces that have not landed yet; return the others, untouched."""
+        fresh: list[LocalTrace] = []
+        landed_before: list[LocalTrace] = []
+        for trace in traces:
+            known = self._spool.ledger_get("trace:" + trace.trace_id.hex()) is not None
+            (landed_before if known else fresh).append(trace)
         steps = self._reserve(fresh, prices)
         by_run: dict[str, tuple[str, dict[bytes, LocalTrace], list[_Step]]] = {}
         for trace in fresh:
@@ -700,6 +747,7 @@ class _Windows:
         with self._lock:
             for trace in fresh:
                 self._reserved.pop(trace.trace_id, None)
+        return landed_before
 
     def _reserve(self, traces: list[LocalTrace], prices: PriceTable) -> dict[bytes, list[_Step]]:
         """Each trace's steps: those it was given before, else the next ones of its windows."""
