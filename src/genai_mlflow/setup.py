@@ -103,9 +103,14 @@ class Pipeline:
 
 
 def new_writer(
-    settings: Settings, spool: Spool, gateway: Gateway | None = None, prices: PriceTable | None = None
+    settings: Settings,
+    spool: Spool,
+    gateway: Gateway | None = None,
+    prices: PriceTable | None = None,
+    settle_s: float = 0.0,
 ) -> Writer:
-    """The writer these settings describe; the collector passes its metered gateway."""
+    """The writer these settings describe; the collector passes its metered gateway and a settle
+    time for traces that several services send."""
     return Writer(
         spool,
         gateway or make_gateway(settings.tracking_uri),
@@ -114,6 +119,7 @@ def new_writer(
         workers=settings.workers,
         content_bound=settings.content_bound,
         max_pending_bytes=settings.max_pending_bytes,
+        settle_s=settle_s,
     )
 
 

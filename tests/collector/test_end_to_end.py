@@ -117,6 +117,63 @@ def test_two_apps_and_a_raw_sender_land_in_their_persona_experiments(
     assert previews == {f"raw question {i}" for i in range(CALLS)}
 
 
+def _json_span(trace_id: str, span_id: str, name: str, kind: int, parent: str = "", **extra: object) -> dict:
+    now = time.time_ns()
+    span: dict = {
+        "traceId": trace_id,
+        "spanId": span_id,
+        "name": name,
+        "kind": kind,
+        "startTimeUnixNano": str(now - 300_000_000),
+        "endTimeUnixNano": str(now),
+        **extra,
+    }
+    if parent:
+        span["parentSpanId"] = parent
+    return span
+
+
+def _service_part(service: str, spans: list[dict]) -> bytes:
+    resource = {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]}
+    document = {"resourceSpans": [{"resource": resource, "scopeSpans": [{"spans": spans}]}]}
+    return json.dumps(document).encode()
+
+
+def test_a_trace_from_two_services_lands_as_one(collector: CollectorProcess, mlflow_server: MlflowStack):
+    """The called service's part comes first (whole on its own: its root's parent is remote), the
+    caller's two seconds later; they land as one trace and one run."""
+    persona = f"two_services_{uuid.uuid4().hex[:6]}"
+    trace_id = os.urandom(16).hex()
+    front, client_span, answer, llm = (os.urandom(8).hex() for _ in range(4))
+    remote = 0x300  # OTLP span flags: the parent's remoteness is known, and it is remote
+    llm_attributes = [
+        {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+        {"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}},
+        {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4o-mini"}},
+        {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "20"}},
+        {"key": "gen_ai.usage.output_tokens", "value": {"intValue": "5"}},
+        {"key": "gen_ai.agent.name", "value": {"stringValue": persona}},
+    ]
+    called = [
+        _json_span(trace_id, answer, "POST /answer", 2, client_span, flags=remote),
+        _json_span(trace_id, llm, "chat gpt-4o-mini", 3, answer, attributes=llm_attributes),
+    ]
+    caller = [_json_span(trace_id, front, "GET /ask", 2), _json_span(trace_id, client_span, "POST", 3, front)]
+    for part in (_service_part("answerer", called), _service_part("front", caller)):
+        response = collector.post(part, "application/json")
+        assert response.status_code == 200 and response.json() == {}
+        time.sleep(2.0)
+
+    (trace,) = wait_for_traces(mlflow_server, f"{persona}_{today()}", 1)
+    client = mlflow_server.client()
+    names = sorted(s.name for s in client.get_trace(trace.info.trace_id).data.spans)
+    assert names == ["GET /ask", "POST", "POST /answer", "chat gpt-4o-mini"]
+    experiment = client.get_experiment_by_name(f"{persona}_{today()}")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "GET /ask"
+    assert run.data.metrics["llm_calls"] == 1 and run.data.metrics["prompt_tokens"] == 20
+
+
 def _model(runs) -> str:
     (model,) = {str(run.data.params["model"]) for run in runs}
     return model

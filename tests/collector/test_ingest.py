@@ -120,9 +120,12 @@ def test_spans_of_traces_without_genai_wait_for_their_genai_span(metrics):
 @pytest.mark.parametrize("remote_parent", [False, True], ids=["root", "remote-parent"])
 def test_a_trace_is_forgotten_once_its_local_root_has_come(metrics, remote_parent):
     """The gate remembers the traces in flight, not every trace of the last hour: its memory stays
-    flat under load."""
+    flat under load. A local root with a remote parent leaves the trace known a while longer, for
+    the callers' part of it (other services' spans, which end after it)."""
+    clock = Clock()
+    gate = TraceGate(passed_ttl_s=30, clock=clock)
     spool = FakeSpool()
-    ingestor = _ingestor(spool, metrics)
+    ingestor = _ingestor(spool, metrics, gate)
     trace_id = os.urandom(16)
     root = plain_span(trace_id, parent=os.urandom(8) if remote_parent else b"")
     spans = [llm_span(trace_id, parent=root.span_id), plain_span(trace_id, parent=root.span_id), root]
@@ -131,8 +134,14 @@ def test_a_trace_is_forgotten_once_its_local_root_has_come(metrics, remote_paren
     root.flags |= SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK if remote_parent else 0
     for span in spans:  # the LLM span makes the trace known; its siblings and root follow
         assert ingestor.ingest(request_of(span).SerializeToString(), otlp.PROTOBUF).written == 1
+    if remote_parent:  # the caller's spans, within the while
+        clock.now += 29
+        caller = plain_span(trace_id, parent=os.urandom(8))
+        assert ingestor.ingest(request_of(caller).SerializeToString(), otlp.PROTOBUF).written == 1
+        clock.now += 2
     late = plain_span(trace_id, parent=root.span_id)
     assert ingestor.ingest(request_of(late).SerializeToString(), otlp.PROTOBUF).held == 1
+    assert not gate._known and not gate._passed
 
 
 def test_a_parent_without_flags_may_be_local_so_the_trace_stays_known(metrics):

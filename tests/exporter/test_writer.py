@@ -290,6 +290,81 @@ def test_an_incomplete_trace_waits_for_its_root_until_it_counts_as_an_orphan(
     wait_until(lambda: w.landed == 1, "the orphan")
 
 
+def _part(service: str, trace_id: bytes, spans: list[Span]) -> bytes:
+    """One service's part of a trace, as its exporter sends it."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.append(
+        KeyValue(key="service.name", value=AnyValue(string_value=service))
+    )
+    for span in spans:
+        span.trace_id = trace_id
+    resource_spans.scope_spans.add().spans.extend(spans)
+    payload: bytes = request.SerializeToString()
+    return payload
+
+
+class KeepingGateway(FakeGateway):
+    def __init__(self) -> None:
+        super().__init__()
+        self.span_names: list[list[str]] = []  # per post
+
+    def post_traces(self, experiment_id: str, run_id: str | None, request: ExportTraceServiceRequest) -> None:
+        super().post_traces(experiment_id, run_id, request)
+        with self.lock:
+            self.span_names.append(
+                sorted(s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            )
+
+
+def test_parts_of_a_trace_from_two_services_land_together_within_the_settle_time(
+    spool: Spool, make_writer: Callable[..., Writer]
+) -> None:
+    """A collector gets a trace in parts: the called service's part (whole on its own, its root's
+    parent being remote) may come before the caller's. Both land as one trace."""
+    gateway = KeepingGateway()
+    clock = Clock()
+    w = make_writer(gateway, clock=clock, settle_s=10.0)
+    trace_id, ids = os.urandom(16), [os.urandom(8) for _ in range(4)]
+    start = this_hour_ns(1)
+    remote = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+    llm = Span(span_id=ids[3], parent_span_id=ids[2], name="chat gpt-4o-mini", kind=Span.SPAN_KIND_CLIENT)
+    llm.attributes.append(KeyValue(key=sc.GEN_AI_OPERATION_NAME, value=AnyValue(string_value="chat")))
+    called = [
+        Span(
+            span_id=ids[2],
+            parent_span_id=ids[1],
+            flags=remote,
+            name="POST /answer",
+            kind=Span.SPAN_KIND_SERVER,
+        ),
+        llm,
+    ]
+    caller = [
+        Span(span_id=ids[0], name="GET /ask", kind=Span.SPAN_KIND_SERVER),
+        Span(span_id=ids[1], parent_span_id=ids[0], name="POST", kind=Span.SPAN_KIND_CLIENT),
+    ]
+    for span in called + caller:
+        span.start_time_unix_nano, span.end_time_unix_nano = start, start + 10**8
+
+    spool.append(_part("answerer", trace_id, called))
+    w._drain_once()
+    clock.now += 3.0
+    spool.append(_part("front", trace_id, caller))
+    w._drain_once()
+    clock.now += 9.9  # 9.9 s after the last part
+    w._drain_once()
+    assert settled(w)
+    assert gateway.count("post_traces") == 0
+
+    clock.now += 0.1
+    w._drain_once()
+    wait_until(lambda: w.landed == 1, "the whole trace")
+    assert gateway.span_names == [["GET /ask", "POST", "POST /answer", "chat gpt-4o-mini"]]
+    assert gateway.count("create_run") == 1
+    assert w.late_spans == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Mode window
 

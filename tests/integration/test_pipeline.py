@@ -363,7 +363,7 @@ def test_a_call_after_its_trace_landed_is_dropped_and_said(
     trace_id = format(request.get_span_context().trace_id, "032x")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
-        "dropped 1 span(s), 1 of them LLM call(s), that ended after their trace had landed" in w
+        "dropped 1 span(s), 1 of them LLM call(s), that came after their trace had landed" in w
         and trace_id in w
         for w in warnings
     ), warnings

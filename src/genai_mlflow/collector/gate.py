@@ -6,7 +6,8 @@ siblings that ended before it earlier still. So:
 
 - a trace with a GenAI span in a request becomes *known*, until its local root has come (the last
   of its spans to end) or for ``known_ttl_s``; its spans, and the spans of known traces in later
-  requests, are written;
+  requests, are written. A local root whose parent is remote means other services take part: the
+  trace stays known ``passed_ttl_s`` longer, for the callers' spans, which end after it;
 - the spans of a trace not known yet are *held* in memory, serialised, for up to ``held_ttl_s``:
   written with the trace's first GenAI span, or discarded (``no_genai``) when the time is up.
   Held spans are bounded by ``held_max_bytes``; past it the oldest traces are discarded
@@ -33,6 +34,7 @@ HELD_MAX_BYTES = 32 << 20
 HELD_TTL_S = 300.0  # as long as the writer waits for a trace's local root
 KNOWN_MAX = 100_000
 KNOWN_TTL_S = 3600.0
+PASSED_TTL_S = 30.0  # after a local root with a remote parent: the callers' parts end later
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,18 @@ class TraceGate:
         held_ttl_s: float = HELD_TTL_S,
         known_max: int = KNOWN_MAX,
         known_ttl_s: float = KNOWN_TTL_S,
+        passed_ttl_s: float = PASSED_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._held_max_bytes = held_max_bytes
         self._held_ttl_s = held_ttl_s
         self._known_max = known_max
         self._known_ttl_s = known_ttl_s
+        self._passed_ttl_s = passed_ttl_s
         self._clock = clock
         self._known: OrderedDict[bytes, float] = OrderedDict()  # trace id -> last seen
+        # Known traces whose local root had a remote parent: trace id -> when it came.
+        self._passed: OrderedDict[bytes, float] = OrderedDict()
         self._held: OrderedDict[bytes, _Held] = OrderedDict()  # trace id -> spans, oldest first
         self._held_bytes = 0
         self._held_spans = 0
@@ -106,9 +112,10 @@ class TraceGate:
             for trace_id in genai:
                 self._remember(trace_id, now)
             for trace_id, entries in traces.items():
-                if trace_id in self._known:
-                    self._known[trace_id] = now
-                    self._known.move_to_end(trace_id)
+                if trace_id in self._known or trace_id in self._passed:
+                    if trace_id in self._known:
+                        self._known[trace_id] = now
+                        self._known.move_to_end(trace_id)
                     held = self._held.pop(trace_id, None)
                     if held is not None:
                         self._held_bytes -= held.size
@@ -116,10 +123,20 @@ class TraceGate:
                         out.write.extend(held.entries)
                         out.released += len(held.entries)
                     out.write.extend(entries)
-                    if any(isinstance(e.span, Span) and records.is_local_root(e.span) for e in entries):
+                    roots = [
+                        e.span for e in entries if isinstance(e.span, Span) and records.is_local_root(e.span)
+                    ]
+                    if roots:
                         # Its last span has come. Remembering it for the TTL instead grew memory
                         # with throughput, by ~150 bytes a trace.
-                        del self._known[trace_id]
+                        self._known.pop(trace_id, None)
+                        if all(records.has_parent(root) for root in roots):  # callers elsewhere
+                            self._passed[trace_id] = now
+                            self._passed.move_to_end(trace_id)
+                            while len(self._passed) > self._known_max:
+                                self._passed.popitem(last=False)
+                        else:  # the trace's own root
+                            self._passed.pop(trace_id, None)
                 else:
                     self._hold(trace_id, entries, now)
                     out.held += len(entries)
@@ -162,6 +179,11 @@ class TraceGate:
             if now - seen <= self._known_ttl_s:
                 break
             del self._known[trace_id]
+        while self._passed:
+            trace_id, passed = next(iter(self._passed.items()))
+            if now - passed <= self._passed_ttl_s:
+                break
+            del self._passed[trace_id]
         while self._held:
             trace_id, held = next(iter(self._held.items()))
             if now - held.since <= self._held_ttl_s:

@@ -40,6 +40,9 @@ logger = logging.getLogger("genai_mlflow.collector")
 RETRY_AFTER_BUSY_S = 1  # too many requests at once, or too fast: try again soon
 RETRY_AFTER_FULL_S = 10  # the spool is (nearly) full: MLflow is slow or down
 RETRY_AFTER_STOPPING_S = 5
+# A trace from several services comes in parts, each when its service's exporter sends it (the
+# SDK's batch processor waits up to 5 s): a whole part waits this long for the others.
+TRACE_SETTLE_S = 10.0
 # Memory over its limit sheds only while at least this much waits in the spool: memory the
 # allocator keeps after a backlog has drained must not refuse requests for good.
 MEMORY_BACKLOG_BYTES = 8 << 20
@@ -231,7 +234,7 @@ class CollectorService:
         gateway = MeteredGateway(
             make_gateway(settings.tracking_uri), self.metrics, CallCounter(self.metrics, prices)
         )
-        writer = new_writer(settings, spool, gateway, prices)
+        writer = new_writer(settings, spool, gateway, prices, settle_s=TRACE_SETTLE_S)
         # The pipeline an app would have; its span processor stays idle: spans come over HTTP.
         self.pipeline = Pipeline(settings, spool, DurableSpanProcessor(spool), writer)
         self.gate = TraceGate(held_max_bytes=config.held_max_bytes)

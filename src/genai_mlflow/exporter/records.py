@@ -290,6 +290,10 @@ def _parent_is_remote_or_none(span: Span) -> bool:
     return True
 
 
+def has_parent(span: Span) -> bool:
+    return bool(_parent(span))
+
+
 def is_local_root(span: Span) -> bool:
     """Certainly the local root: no parent, or one its flags call remote. (Without those flags a
     parent may be local, the root still to come.)"""

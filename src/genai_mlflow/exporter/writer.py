@@ -185,8 +185,11 @@ class Writer:
         workers: int = 8,
         content_bound: int = 16 * 1024,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        settle_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``settle_s``: how long a whole trace waits after its last part came, for parts that
+        other processes send (a collector); none in an app, whose processor writes a trace whole."""
         self._spool = spool
         self._gateway = gateway
         self._prices = prices
@@ -194,6 +197,7 @@ class Writer:
         self._content_bound = content_bound
         self._max_pending_bytes = max_pending_bytes
         self._clock = clock
+        self._settle_s = settle_s
         self._links = Links(gateway)
         # A REST gateway keeps a connection per worker: none waits for one, none is thrown away.
         reserve_connections = getattr(gateway, "reserve_connections", None)
@@ -272,6 +276,11 @@ class Writer:
         with self._lock:
             target = self._reads
             self._flushes += 1
+            if self._settle_s:
+                now = self._clock()
+                for pending in self._pending.values():
+                    if pending.complete:
+                        self._schedule(pending, now)  # settling traces go now
         try:
             # Wake the drain thread once: waking it on every pass of this loop made it and the
             # drain thread (which notifies _idle after each cycle) spin a CPU for the whole flush.
@@ -422,8 +431,12 @@ class Writer:
             return
         if now < pending.not_before:
             due = pending.not_before
-        elif pending.complete or pending.replayed:
+        elif pending.replayed or pending.landed_before:
             due = now
+        elif pending.complete:
+            # Other services' parts of the trace land with it if they come within settle_s of
+            # the last part; flush() does not wait for them.
+            due = now if self._flushes else pending.last_seen + self._settle_s
         else:
             due = pending.last_seen + ORPHAN_AFTER_S
         if due <= now:
@@ -525,10 +538,10 @@ class Writer:
                 return
             (spans, calls), self._late_unlogged = self._late_unlogged, [0, 0]
         logger.warning(
-            "genai-mlflow dropped %d span(s), %d of them LLM call(s), that ended after their trace had "
-            "landed in MLflow (trace %s%s): a landed trace is not amended. A call made after its "
-            "request ended, e.g. from a background task, lands when it has a trace of its own (a new "
-            "root span).",
+            "genai-mlflow dropped %d span(s), %d of them LLM call(s), that came after their trace had "
+            "landed in MLflow (trace %s%s): a landed trace is not amended. They are calls made after "
+            "their request ended (a task it left behind: give it a root span of its own and it lands "
+            "as its own run) or, through a collector, another service's part of the trace.",
             spans,
             calls,
             traces[0].trace_id.hex(),
