@@ -172,6 +172,12 @@ def test_a_trace_from_two_services_lands_as_one(collector: CollectorProcess, mlf
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "GET /ask"
     assert run.data.metrics["llm_calls"] == 1 and run.data.metrics["prompt_tokens"] == 20
+    late = [
+        line
+        for line in collector.get("/metrics").text.splitlines()
+        if line.startswith("genai_collector_late")
+    ]
+    assert late == ["genai_collector_late_spans_total 0"], late
 
 
 def _model(runs) -> str:

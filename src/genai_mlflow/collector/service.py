@@ -389,6 +389,13 @@ class CollectorService:
             kind="counter",
         )
         r.observed(
+            "genai_collector_late_spans_total",
+            "Spans that came after their trace had landed in MLflow: dropped (a landed trace is not "
+            "amended).",
+            one(lambda: writer.late_spans),
+            kind="counter",
+        )
+        r.observed(
             "genai_collector_inflight_requests",
             "Export requests being processed.",
             one(lambda: self.guard.inflight),
