@@ -14,7 +14,7 @@ from genai_mlflow.exporter.records import normalise_persona
 
 from . import report
 from .publish import comparisons_experiment, log_comparison
-from .reader import GROUP_TAGS, CompareError, read_calls
+from .reader import GROUP_TAGS, CompareError, as_utc, read_calls
 from .stats import Comparison, compare
 
 _PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
@@ -34,7 +34,7 @@ def parse_time(text: str, now: datetime) -> datetime:
             f"cannot read the time {text!r}: give a period before now (30m, 24h, 7d, 2w) "
             "or an ISO date or time (2026-11-20, 2026-11-20T08:00)"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return as_utc(moment)
 
 
 def add_parser(commands: Any, after_command: argparse.ArgumentParser) -> None:

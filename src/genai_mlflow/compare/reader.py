@@ -159,7 +159,7 @@ def read_calls(
     if tag is None:
         raise CompareError(f"cannot group by {by!r}; choose one of {', '.join(GROUP_TAGS)}")
     persona = normalise_persona(persona)  # as the exporter named it
-    since, until = _utc(since), _utc(until)
+    since, until = as_utc(since), as_utc(until)
     if until <= since:
         raise CompareError(f"empty time range: since {since:%Y-%m-%d %H:%M:%S} is not before until")
     source = _open(tracking_uri, workers)
@@ -567,7 +567,8 @@ def _no_experiment(uri: str, persona: str, first: date, last: date, found: Seque
     return message + f"; it has calls on {len(days)} other date(s): {', '.join(shown)}"
 
 
-def _utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
+    """Naive datetimes are UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
