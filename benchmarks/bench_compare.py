@@ -339,6 +339,10 @@ def main() -> int:
                     f"({SEED_THREADS} threads, {BATCH} traces per OTLP request; building: {built:.1f} s "
                     "summed over threads)"
                 )
+
+                def server_read(workers: int, **kwargs: Any) -> Read:
+                    return timed_read(stack.tracking_uri, persona, since, until, stack, workers, **kwargs)
+
                 # PostgreSQL plans the trace_tags lookups of traces/search from table statistics: on
                 # tables never analyzed (autovacuum off, as on the development machine) it scans all
                 # of trace_tags for every page. Read once like that, then as autovacuum would leave it.
@@ -346,15 +350,7 @@ def main() -> int:
                     rounds(
                         f"server, {args.workers[-1]} threads, before ANALYZE",
                         1,
-                        lambda: timed_read(
-                            stack.tracking_uri,
-                            persona,
-                            since,
-                            until,
-                            stack,
-                            args.workers[-1],
-                            by="prompt_version",
-                        ),
+                        lambda: server_read(args.workers[-1], by="prompt_version"),
                         total,
                     )
                 )
@@ -366,9 +362,7 @@ def main() -> int:
                         rounds(
                             f"server, {workers} threads",
                             args.repeat,
-                            lambda w=workers: timed_read(  # type: ignore[misc]
-                                stack.tracking_uri, persona, since, until, stack, w, by="prompt_version"
-                            ),
+                            lambda w=workers: server_read(w, by="prompt_version"),  # type: ignore[misc]
                             total,
                         )
                     )
@@ -377,16 +371,7 @@ def main() -> int:
                     rounds(
                         "server, by variant, --test",
                         1,
-                        lambda: timed_read(
-                            stack.tracking_uri,
-                            persona,
-                            since,
-                            until,
-                            stack,
-                            args.workers[-1],
-                            by="variant",
-                            test="greeting-test",
-                        ),
+                        lambda: server_read(args.workers[-1], by="variant", test="greeting-test"),
                         total,
                     )
                 )
