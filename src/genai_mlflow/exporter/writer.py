@@ -240,7 +240,7 @@ class Writer:
         self._reads = 0  # drain cycles completed; flush waits for one that began after it
         self.landed = 0
         self.failed = 0
-        self.late_spans = 0  # spans that ended after their trace had landed: dropped
+        self.late_spans = 0  # spans that came after their trace had landed: dropped
 
     # --- lifecycle ---------------------------------------------------------------------------
 
